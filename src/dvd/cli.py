@@ -1,0 +1,78 @@
+"""The ``dvd`` command: one subcommand per job, each owned by the module that does the work.
+
+This file only dispatches; every job parses its own arguments in ``cli(argv)`` so that
+``dvd <group> <job> --help`` documents exactly what that job takes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from dvd.config import ConfigError, suggest
+
+# command words -> (module, what it does)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("demo",): ("dvd.demo", "the whole paper on ShapesWorld on a CPU, with a report"),
+    ("data", "shapesworld"): ("dvd.data.shapesworld", "write the ShapesWorld image-text world to disk"),
+    ("train", "clip"): ("dvd.train.clip", "ΔCLIP / clean CLIP / TeCoA / FARE training"),
+    ("train", "vlm"): ("dvd.train.vlm", "LLaVA-style training, clean or Δ² adversarial"),
+    ("eval", "zeroshot"): ("dvd.eval.zeroshot", "zero-shot classification, clean and under attack"),
+    ("eval", "retrieval"): ("dvd.eval.retrieval", "image-text retrieval recall@k, clean and under attack"),
+    ("eval", "caption"): ("dvd.eval.captioning", "captioning CIDEr, clean and under attack"),
+    ("eval", "vqa"): ("dvd.eval.vqa", "VQA accuracy, clean and under attack"),
+    ("eval", "pope"): ("dvd.eval.pope", "POPE hallucination metrics"),
+    ("eval", "targeted"): ("dvd.eval.targeted", "targeted attacks on a VLM's output"),
+    ("attack",): ("dvd.eval.attack_images", "attack given images and save the adversarial PNGs"),
+}
+
+
+def _available() -> dict[tuple[str, ...], tuple[str, str]]:
+    """The commands whose module is installed (the toolkit grows one job at a time)."""
+    found = {}
+    for words, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[words] = (module, help_text)
+    return found
+
+
+def usage(commands: dict[tuple[str, ...], tuple[str, str]]) -> str:
+    lines = ["usage: dvd <command> [options]   (dvd <command> --help for its options)", "", "commands:"]
+    for words, (_, help_text) in commands.items():
+        lines.append(f"  {' '.join(words):<18} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dvd`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(commands))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from dvd import __version__
+
+        print(f"dvd {__version__}")
+        return 0
+    for words, (module_name, _) in commands.items():
+        if tuple(argv[: len(words)]) == words:
+            module = importlib.import_module(module_name)
+            try:
+                return int(module.cli(argv[len(words) :]) or 0)
+            except (ConfigError, ValueError, FileNotFoundError) as error:
+                print(f"dvd: error: {error}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print("dvd: interrupted; rerun the same command to continue", file=sys.stderr)
+                return 130
+    given = " ".join(argv[:2])
+    names = [" ".join(w) for w in commands]
+    print(f"dvd: error: unknown command {given!r}{suggest(given, names)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

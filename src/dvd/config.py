@@ -1,0 +1,144 @@
+"""Command configs: dataclasses loaded from YAML and overridden with ``key=value`` pairs.
+
+Also the parsers for values whose misuse silently changes a number (budgets, step counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line naming the problem and the fix."""
+
+
+def suggest(name: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest of ``choices``, or the list of valid names."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if close:
+        return f" (did you mean {', '.join(repr(c) for c in close)}?)"
+    return f" (choose from {', '.join(choices)})"
+
+
+def parse_eps(value: str | float | int, unit: float | None = None) -> float:
+    """A perturbation budget in pixel units ([0, 1] images).
+
+    Accepts ``"4/255"``, ``"0.0157"`` or, with an explicit ``unit=255``, ``"4"``. A bare value above
+    1 without a unit is refused: it would silently mean "every pixel may change completely".
+    """
+    text = str(value).strip()
+    try:
+        eps = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"eps {text!r} is not a number; write e.g. 4/255 or 0.0157") from None
+    if unit is not None:
+        if unit <= 0:
+            raise ConfigError(f"eps unit {unit} must be positive, e.g. --eps-unit 255")
+        eps = eps / unit
+    if not eps == eps or eps < 0:  # NaN or negative
+        raise ConfigError(f"eps {text!r} must be a non-negative number, e.g. 4/255")
+    if eps > 1:
+        raise ConfigError(
+            f"eps {text!r} is above 1 but images live in [0, 1]; write {text}/255 or pass --eps-unit 255"
+        )
+    return eps
+
+
+def parse_eps_list(values: str | typing.Sequence[str | float], unit: float | None = None) -> list[float]:
+    """Comma-separated or listed budgets, each through :func:`parse_eps`."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    if not values:
+        raise ConfigError("empty eps list; give at least one budget, e.g. --eps 4/255")
+    return [parse_eps(v, unit) for v in values]
+
+
+def positive_int(value: Any, name: str = "value") -> int:
+    """An integer >= 1 (steps, batch sizes), or a one-line error naming ``name``."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name} {value!r} is not an integer; give a whole number >= 1") from None
+    if number <= 0:
+        raise ConfigError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def _coerce(text: str, annotation: Any, key: str) -> Any:
+    """Turn an override's text into the field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(text, inner[0], key) if len(inner) == 1 else yaml.safe_load(text)
+    if annotation is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(float(Fraction(text))) if annotation is float else int(text)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key}={text!r}: expected a {annotation.__name__}") from None
+    if annotation is str:
+        return text
+    if origin in (list, tuple):
+        loaded = yaml.safe_load(text) if text.startswith("[") else [t for t in text.split(",") if t]
+        item = args[0] if args else str
+        return [_coerce(str(v), item, key) for v in loaded]
+    return yaml.safe_load(text)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build dataclass ``cls`` from an optional YAML file, then ``key=value`` overrides.
+
+    Unknown keys are errors with the closest valid name suggested, never silently ignored.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            kind = type(loaded).__name__
+            raise ConfigError(f"config file {path} must hold a mapping of key: value, not a {kind}")
+        values.update(loaded)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key {key!r} in {path}{suggest(key, names)}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value, e.g. steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in names:
+            raise ConfigError(f"unknown config key {key!r}{suggest(key, names)}")
+        values[key] = _coerce(text.strip(), hints[key], key)
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON/YAML-able values."""
+    return dataclasses.asdict(config)

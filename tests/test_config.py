@@ -1,0 +1,104 @@
+"""Budgets, step counts and config overrides: misuse is a clear one-line error, never a silent number."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dvd.config import ConfigError, load_config, parse_eps, parse_eps_list, positive_int, suggest
+
+
+def test_eps_fraction_and_decimal_mean_the_same_budget():
+    assert parse_eps("4/255") == pytest.approx(4 / 255)
+    assert parse_eps("0.0157") == pytest.approx(0.0157)
+    assert parse_eps("4", unit=255) == pytest.approx(4 / 255)
+
+
+def test_eps_above_one_without_unit_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="--eps-unit 255"):
+        parse_eps("4")
+
+
+@pytest.mark.parametrize("text", ["abc", "1/0", "-0.1", "nan", ""])
+def test_eps_garbage_is_a_config_error(text):
+    with pytest.raises(ConfigError):
+        parse_eps(text)
+
+
+@given(st.text(max_size=12))
+def test_eps_parser_only_ever_returns_a_budget_or_raises_config_error(text):
+    try:
+        eps = parse_eps(text)
+    except ConfigError as error:
+        assert "\n" not in str(error)
+    else:
+        assert 0 <= eps <= 1
+
+
+@given(st.integers(min_value=0, max_value=255))
+def test_eps_with_unit_is_value_over_unit(value):
+    assert parse_eps(str(value), unit=255) == pytest.approx(value / 255)
+
+
+def test_eps_list_parses_commas():
+    assert parse_eps_list("1/255,2/255") == pytest.approx([1 / 255, 2 / 255])
+    with pytest.raises(ConfigError):
+        parse_eps_list("")
+
+
+@pytest.mark.parametrize("value", [0, -3, "x", "1.5"])
+def test_steps_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match="steps"):
+        positive_int(value, "steps")
+
+
+def test_suggest_names_the_closest_choice():
+    assert "apgd-ce" in suggest("apgd_ce", ["apgd-ce", "apgd-t", "square"])
+
+
+@dataclasses.dataclass
+class _Recipe:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str = "clean"
+    resume: str | None = None
+    eps: list[float] = dataclasses.field(default_factory=lambda: [4 / 255])
+    amp: bool = False
+
+
+def test_config_from_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 0.01\nsteps: 5\n")
+    cfg = load_config(_Recipe, path, ["steps=7", "amp=true", "eps=1/255,2/255", "resume=none"])
+    assert cfg.lr == 0.01 and cfg.steps == 7 and cfg.amp is True and cfg.resume is None
+    assert cfg.eps == pytest.approx([1 / 255, 2 / 255])
+
+
+def test_unknown_config_key_suggests_the_close_one(tmp_path: Path):
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(_Recipe, None, ["stepz=3"])
+    path = tmp_path / "r.yaml"
+    path.write_text("lrr: 1\n")
+    with pytest.raises(ConfigError, match="'lr'"):
+        load_config(_Recipe, path)
+
+
+def test_missing_or_malformed_config_file_is_one_line(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(_Recipe, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_Recipe, bad)
+
+
+@given(st.lists(st.text(max_size=10), max_size=3))
+def test_override_parsing_never_escapes_with_a_traceback(items):
+    try:
+        load_config(_Recipe, None, items)
+    except ConfigError:
+        pass
