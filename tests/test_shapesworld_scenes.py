@@ -1,0 +1,157 @@
+"""ShapesWorld scenes, drawing and captions: labels stay well-defined."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dvd.data.shapesworld import (
+    SPEC,
+    Scene,
+    caption,
+    captions,
+    plural,
+    render,
+    render_array,
+    sample_scene,
+    scene_rng,
+)
+from dvd.data.shapesworld_formats import png_bytes
+
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds)
+def test_objects_never_overlap_and_stay_inside_the_image(seed: int) -> None:
+    scene = sample_scene(scene_rng(seed, 0, 0))
+    assert len(scene.objects) == scene.count + (scene.distractor is not None)
+    for obj in scene.objects:
+        assert obj.radius <= obj.x <= 1 - obj.radius and obj.radius <= obj.y <= 1 - obj.radius
+    for a, b in itertools.combinations(scene.objects, 2):
+        assert math.hypot(a.x - b.x, a.y - b.y) > a.radius + b.radius
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds)
+def test_main_group_is_one_shape_colour_size_and_texture_and_the_distractor_differs(seed: int) -> None:
+    scene = sample_scene(scene_rng(seed, 0, 0))
+    group = scene.objects[: scene.count]
+    assert {(o.shape, o.color, o.size, o.texture) for o in group} == {
+        (scene.shape, scene.color, scene.size, scene.texture)
+    }
+    assert (scene.position is not None) == (scene.count == 1)
+    if scene.distractor is not None:
+        assert scene.distractor.shape != scene.shape and scene.distractor.color != scene.color
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds)
+def test_captions_name_the_main_shape_and_only_what_is_in_the_image(seed: int) -> None:
+    rng = scene_rng(seed, 0, 0)
+    scene = sample_scene(rng)
+    refs = captions(scene, rng, 5)
+    assert len(refs) == 5 and len(set(refs)) == 5
+    present_colors = {scene.color} | ({scene.distractor.color} if scene.distractor else set())
+    present_shapes = set(scene.present_shapes)
+    for text in [*refs, caption(scene, rng)]:
+        words = _words(text)
+        assert {scene.shape, plural(scene.shape)} & words, text
+        assert {c for c in SPEC.colors if c in words} <= present_colors, text
+        assert {s for s in SPEC.shapes if s in words or plural(s) in words} <= present_shapes, text
+        assert text[0].isupper() and text.endswith(".")
+
+
+def test_fixed_attributes_are_respected_and_unknown_ones_refused() -> None:
+    rng = scene_rng(0, 0, 0)
+    scene = sample_scene(
+        rng,
+        shape="heart",
+        color="cyan",
+        count=3,
+        size="small",
+        texture="dotted",
+        background="black",
+        distractor=True,
+    )
+    assert (scene.shape, scene.color, scene.count, scene.size, scene.texture, scene.background) == (
+        "heart",
+        "cyan",
+        3,
+        "small",
+        "dotted",
+        "black",
+    )
+    assert scene.distractor is not None
+    assert sample_scene(rng, position="top left").count == 1
+    with pytest.raises(ValueError, match="colour"):
+        sample_scene(rng, colour="red")
+    with pytest.raises(ValueError, match="shape 'blob'"):
+        sample_scene(rng, shape="blob")
+    with pytest.raises(ValueError, match="only defined for count=1"):
+        sample_scene(rng, position="top", count=2)
+
+
+@pytest.mark.parametrize("image_size", [16, 32, 64])
+def test_render_is_an_rgb_image_of_the_requested_size_and_deterministic(image_size: int) -> None:
+    scene = sample_scene(scene_rng(3, 0, 0), background="noise")
+    first = render(scene, image_size, scene_rng(3, 9, 0))
+    second = render(scene, image_size, scene_rng(3, 9, 0))
+    assert first.mode == "RGB" and first.size == (image_size, image_size)
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert not np.array_equal(np.asarray(first), np.asarray(render(scene, image_size, scene_rng(4, 9, 0))))
+
+
+def test_every_shape_colour_and_texture_draws_its_colour_where_the_object_is() -> None:
+    for shape, color, texture in itertools.product(SPEC.shapes, SPEC.colors, SPEC.textures):
+        scene = sample_scene(
+            scene_rng(1, 0, 0),
+            shape=shape,
+            color=color,
+            texture=texture,
+            count=1,
+            position="center",
+            size="large",
+            background="white",
+            distractor=False,
+        )
+        pixel = render_array(scene, 32)[16, 16].astype(int)  # the centre of a large solid-ish object
+        nearest = min(SPEC.colors, key=lambda c: _hue_distance(pixel, np.array(SPEC.colors[c])))
+        assert nearest == color, (shape, color, texture, pixel)
+
+
+def _hue_distance(pixel: np.ndarray, rgb: np.ndarray) -> float:
+    """Distance between chromaticities, so that a texture's darker shade still matches its colour."""
+    p, q = pixel / max(pixel.sum(), 1), rgb / rgb.sum()
+    return float(np.abs(p - q).sum())
+
+
+def test_render_takes_attributes_and_scenes_survive_a_json_round_trip() -> None:
+    image = render({"shape": "star", "color": "red", "count": 2, "distractor": False}, 48, scene_rng(2, 0, 0))
+    assert image.size == (48, 48)
+    rng = scene_rng(6, 0, 0)
+    scene = sample_scene(rng, distractor=True)
+    again = Scene.from_json(json.loads(json.dumps(scene.to_json())))
+    assert again == scene and again.distractor is not None
+
+
+def test_png_bytes_decode_to_the_same_pixels() -> None:
+    array = render_array(sample_scene(scene_rng(5, 0, 0)), 32, scene_rng(5, 0, 1))
+    data = png_bytes(array)
+    assert data == png_bytes(array)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == "PNG" and decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), array)
