@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dvd demo --out runs/demo
+	$(BIN)/dvd data shapesworld --out runs/demo/world
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
