@@ -53,9 +53,13 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: malformed JSON (not UTF-8 text)") from None
+    except (ValueError, RecursionError) as error:  # e.g. integers past the digit limit, deep nesting
+        raise ValueError(f"{path}: malformed JSON ({str(error).splitlines()[0][:80]})") from None
 
 
 def git_revision() -> str | None:
