@@ -1,0 +1,181 @@
+"""``evaluate_robustness``: clean and robust accuracy of any classifier under the attack ensemble."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .ensemble import WHITE_BOX, check_attacks, ensemble_attack
+from .gradients import frozen_parameters
+from .norms import check_budget, check_images, check_norm
+from .objectives import Classifier, margin, modules_of
+from .square import square_attack
+
+CHECK_QUERIES = 200  # square queries of the gradient-free check on the white-box survivors
+
+
+@dataclass
+class RobustnessResult:
+    """Per-sample outcome of :func:`evaluate_robustness`.
+
+    ``adversarial`` is the adversarial image where a sample was broken and the clean image elsewhere;
+    ``flags`` maps each check to ``False`` or a message; ``broken_by`` counts samples per attack
+    (``square-check`` for those the gradient-free check broke; they count as broken).
+    """
+
+    clean_correct: Tensor
+    robust_correct: Tensor
+    adversarial: Tensor
+    flags: dict[str, bool | str]
+    eps: float
+    norm: str
+    attacks: tuple[str, ...]
+    steps: int
+    seed: int
+    broken_by: dict[str, int] = field(default_factory=dict)
+    low_precision_dropped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(self.clean_correct.numel())
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.clean_correct.float().mean())
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(self.robust_correct.float().mean())
+
+
+def _check_labels(labels: Tensor, n: int) -> Tensor:
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError("labels must be a 1-d integer tensor (B,) of class indices")
+    if labels.numel() != n:
+        raise ValueError(f"{labels.numel()} labels for {n} images; pass one label per image")
+    return labels.long()
+
+
+def evaluate_robustness(
+    classifier: Classifier,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attacks: Sequence[str] = ("apgd-ce", "apgd-t"),
+    steps: int = 100,
+    seed: int = 0,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    check: bool = True,
+    square_queries: int = 5000,
+    check_queries: int = CHECK_QUERIES,
+) -> RobustnessResult:
+    """Clean and robust accuracy of ``classifier`` (images in [0, 1] -> logits, in eval mode).
+
+    Runs ``attacks`` (AutoAttack's protocol: only still-correct samples are attacked, the first
+    adversarial that holds in fp32 is kept) at budget ``eps`` (0 = clean only) in batches of
+    ``batch_size`` (default: all at once). ``precision="bf16"|"fp16"`` runs the attacks' forwards
+    under autocast; every success is re-checked in fp32. ``check`` runs the gradient-masking checks,
+    including ``check_queries`` square queries on the samples the gradient attacks left standing.
+    """
+    start = time.perf_counter()
+    check_images(images)
+    labels = _check_labels(labels, images.shape[0]).to(images.device)
+    norm = check_norm(norm)
+    check_budget(eps, steps)
+    attacks = check_attacks(attacks)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} is not supported; use 'bf16', 'fp16' or None")
+    if "square" in attacks and norm != "linf":
+        raise ValueError("the square attack is L-inf only; drop 'square' from attacks for norm='l2'")
+
+    n = images.shape[0]
+    size = n if batch_size is None else batch_size
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    clean_correct = torch.zeros(n, dtype=torch.bool, device=images.device)
+    robust_correct = torch.zeros_like(clean_correct)
+    adversarial = images.detach().clone()
+    broken_by: dict[str, int] = {}
+    dropped = n_zero = n_nonfinite = n_saturated = square_broken = square_tried = 0
+    flags: dict[str, bool | str] = {}
+    run_check_square = check and eps > 0 and norm == "linf" and "square" not in attacks
+
+    with frozen_parameters(modules_of(classifier)):
+        for lo in range(0, n, size):
+            x, y = images[lo:lo + size].detach(), labels[lo:lo + size]
+            with torch.no_grad():
+                logits = classifier(x).float()
+            clean = logits.argmax(dim=1) == y
+            clean_correct[lo:lo + size] = clean
+            if check:
+                zero, nonfinite = checks.gradient_counts(classifier, x, y)
+                n_zero, n_nonfinite = n_zero + zero, n_nonfinite + nonfinite
+                n_saturated += checks.saturated_count(logits)
+                if lo == 0:
+                    flags["probability_outputs"] = checks.probability_output_flag(logits)
+                    flags["randomized"] = checks.randomness_flag(classifier, x, logits)
+                    flags["few_classes"] = checks.few_classes_flag(logits.shape[1], attacks)
+            if eps == 0:
+                robust_correct[lo:lo + size] = clean
+                continue
+            result = ensemble_attack(classifier, x, y, eps=eps, norm=norm, attacks=attacks, steps=steps,
+                                     generator=generator, robust=clean, precision=precision,
+                                     square_queries=square_queries)
+            robust, x_adv = result.robust, result.adversarial
+            dropped += result.dropped
+            for name, count in result.broken_by.items():
+                broken_by[name] = broken_by.get(name, 0) + count
+            if "square" in attacks and any(a in WHITE_BOX for a in attacks[: attacks.index("square")]):
+                square_broken += result.broken_by.get("square", 0)
+            if run_check_square and bool(robust.any()):
+                index = robust.nonzero()[:, 0]
+                found = square_attack(margin(classifier, y[index]), x[index], eps=eps, queries=check_queries,
+                                      generator=generator)
+                with torch.no_grad():
+                    hit = classifier(found.adversarial).float().argmax(dim=1) != y[index]
+                x_adv[index[hit]] = found.adversarial[hit]
+                robust[index[hit]] = False
+                square_tried += index.numel()
+                square_broken += int(hit.sum())
+                broken_by["square-check"] = broken_by.get("square-check", 0) + int(hit.sum())
+            robust_correct[lo:lo + size] = robust
+            adversarial[lo:lo + size] = x_adv
+
+    if check:
+        flags.update(checks.gradient_flags(n_zero, n_nonfinite, n))
+        flags["saturated_softmax"] = checks.saturated_softmax_flag(n_saturated, n)
+        white = tuple(a for a in attacks if a in WHITE_BOX)
+        survivors = square_tried or int(robust_correct.sum()) + square_broken
+        flags["black_box_beats_white_box"] = bool(white) and checks.black_box_flag(
+            square_broken, survivors, white
+        )
+    flags["low_precision_dropped"] = dropped > 0 and (
+        f"{dropped} successes claimed under {precision or 'fp32'} did not hold in the fp32 re-check "
+        "and were not counted"
+    )
+    checks.warn(flags)
+    return RobustnessResult(
+        clean_correct=clean_correct,
+        robust_correct=robust_correct,
+        adversarial=adversarial,
+        flags=flags,
+        eps=float(eps),
+        norm=norm,
+        attacks=attacks,
+        steps=steps,
+        seed=seed,
+        broken_by=broken_by,
+        low_precision_dropped=dropped,
+        seconds=time.perf_counter() - start,
+    )

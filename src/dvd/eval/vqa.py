@@ -1,0 +1,300 @@
+"""VQA metric: VQAv2 accuracy with the official answer normalisation.
+
+An answer is normalised as the official VQA evaluation does: punctuation is deleted or turned into a
+space, periods go unless a digit follows, the text is lowercased, number words become digits
+("two" -> "2"), articles are dropped and apostrophe-less contractions get their apostrophe back
+("dont" -> "don't"). Accuracy for one question is min(#matching annotators / 3, 1) averaged over the
+10 leave-one-annotator-out subsets of the 10 human answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dvd.eval.results import ResultRow
+from dvd.io import versions
+
+if TYPE_CHECKING:
+    from dvd.models.vlm_base import VisionLanguageModel
+
+__all__ = ["evaluate_vqa", "normalize_answer", "ranked_answers", "vqa_accuracy"]
+
+# Punctuation handled by the official script; `'` (contractions), `:` and `.` (see below) are not in it.
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_THOUSANDS = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # "yes." -> "yes", but "3.5" and ".5" keep theirs
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+# Contractions typed without their apostrophe. Spellings that are English words of their own
+# (its, lets, ill, id, well, were, wed, shed, shell, hell) are left alone.
+_CONTRACTIONS = {
+    word.replace("'", ""): word
+    for word in (
+        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't"
+        " haven't he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am"
+        " mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've"
+        " she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's"
+        " someone'd someone'd've someone'll someone's something'd something'd've something'll"
+        " that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas"
+        " wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've"
+        " who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've"
+        " y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
+    ).split()
+}
+
+
+def _process_punctuation(text: str) -> str:
+    """The official punctuation step: delete or space out marks, drop periods not followed by a digit."""
+    # Per mark, judged on the input: a mark that occurs next to a space (or any mark, when the input has a
+    # digit-comma-digit number such as "1,000") is deleted; otherwise it separates words ("black/white").
+    original, has_thousands = text, _THOUSANDS.search(text) is not None
+    for mark in _PUNCTUATION:
+        if mark in text:
+            delete = has_thousands or f"{mark} " in original or f" {mark}" in original
+            text = text.replace(mark, "" if delete else " ")
+    return _PERIOD.sub("", text)
+
+
+def _process_digits_articles(text: str) -> str:
+    """The official word step: lowercase, number words to digits, drop articles, restore apostrophes."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def normalize_answer(answer: str) -> str:
+    """Normalise a VQA answer as the official evaluation does ("Two dogs." -> "2 dogs")."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digits_articles(_process_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, as_official_script: bool = False) -> float:
+    """VQAv2 accuracy of one predicted answer against the human answers (normally 10).
+
+    For each annotator left out in turn, the prediction scores min(#other annotators who gave it / 3, 1);
+    the result is the mean over those subsets: 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0.
+
+    The prediction and the human answers are both normalised. The official script normalises the human
+    answers less (only their punctuation, and only when they disagree), relying on VQAv2's stored answers
+    being normalised already; ``as_official_script=True`` reproduces that exactly (on raw answers it then
+    scores the prediction "two" against ten "two"s as 0, the prediction having become "2").
+    """
+    if isinstance(answers, str) or len(answers) < 2:
+        raise ValueError(f"vqa_accuracy: needs a list of >= 2 human answers (VQAv2 has 10), got {answers!r}")
+    predicted = normalize_answer(prediction)
+    if as_official_script:
+        stripped = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+        references = [_process_punctuation(a) for a in stripped] if len(set(stripped)) > 1 else stripped
+    else:
+        references = [normalize_answer(a) for a in answers]
+    matches = sum(r == predicted for r in references)
+    # Leaving out a matching annotator leaves matches - 1; leaving out any other leaves matches.
+    n = len(answers)
+    return (matches * min((matches - 1) / 3, 1.0) + (n - matches) * min(matches / 3, 1.0)) / n
+
+
+# ------------------------------------------------------------------------------ dvd eval vqa
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt suffix
+VQA_ATTACKS = ("ensemble", "apgd", "none")
+ATTACK_NAMES = {"ensemble": "apgd-ensemble", "apgd": "apgd", "none": "none"}
+TARGETS = ("maybe", "Word")  # the paper's targeted answers for VQA
+
+
+def ranked_answers(answers: Sequence[str]) -> list[str]:
+    """The distinct human answers (equal once normalised), most frequent first, ties in order of
+    appearance; each as first written. The attack references of a question."""
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for answer in answers:
+        key = normalize_answer(answer)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, answer.strip())
+    return [first[k] for k in sorted(counts, key=lambda k: -counts[k])]  # sorted() is stable
+
+
+@dataclass
+class _VQA:
+    """The VQA task for :func:`dvd.eval.vlm_attack.evaluate_outputs`."""
+
+    suffix: str
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        return item["question"] + self.suffix
+
+    def references(self, position: int, item: dict[str, Any]) -> list[str]:
+        return ranked_answers(item["answers"])
+
+    def score(self, position: int, item: dict[str, Any], text: str) -> float:
+        return vqa_accuracy(text, item["answers"])
+
+    def record(self, position: int, item: dict[str, Any]) -> dict[str, Any]:
+        return {"question_id": item["question_id"], "answers": list(item["answers"])}
+
+
+def evaluate_vqa(
+    model: VisionLanguageModel,
+    data: Any,
+    *,
+    eps_list: Sequence[float],
+    attack: str = "ensemble",
+    steps: int = 100,
+    n_references: int = 5,
+    targets: Sequence[str] = TARGETS,
+    precision: str = "auto",
+    broken_at: float = 0.0,
+    suffix: str = SHORT_ANSWER,
+    max_new_tokens: int = 10,
+    batch_size: int = 8,
+    limit: int | None = None,
+    seed: int = 0,
+    model_name: str = "model",
+    dataset_name: str = "vqav2",
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[ResultRow]:
+    """VQAv2 accuracy of greedy answers, clean and under attack, one row per budget (eps 0: clean only).
+
+    ``data`` is a :class:`dvd.data.vqa.VQAv2` with annotations. ``attack="ensemble"``: APGD on the NLL of
+    each of the ``n_references`` most frequent human answers (``precision``), fp32 APGD on the best one,
+    then targeted fp32 APGD towards each of ``targets``; each question keeps its lowest-accuracy answer and
+    questions at accuracy <= ``broken_at`` are not attacked further. ``"apgd"``: one fp32 APGD on the most
+    frequent answer.
+    """
+    from dvd.eval import vlm_attack as va
+
+    if attack not in VQA_ATTACKS:
+        raise ValueError(f"unknown VQA attack {attack!r}; choose from {', '.join(VQA_ATTACKS)}")
+    if any(len(r["fields"]["answers"]) < 2 for r in data.records[: limit or len(data)]):
+        raise ValueError(
+            "VQA accuracy needs the human answers (>= 2 per question); pass the annotations file"
+        )
+    ensemble = va.ensemble_stages(
+        n_references, precision=va.resolve_precision(precision, model.device), targets=targets
+    )
+    stages = {"ensemble": ensemble, "apgd": [va.Stage("ref0-fp32")], "none": []}[attack]
+    budgets = va.evaluate_outputs(
+        model,
+        data,
+        _VQA(suffix),
+        task_name="vqa",
+        eps_list=[0.0] if attack == "none" else eps_list,
+        attack=ATTACK_NAMES[attack],
+        stages=stages,
+        steps=steps,
+        broken_at=broken_at,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        seed=seed,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        state_dir=state_dir,
+        progress=progress,
+        settings={"suffix": suffix},
+    )
+    rows = []
+    for budget in budgets:
+        clean = [vqa_accuracy(s["outputs"][0], s["answers"]) for s in budget.samples]
+        worst = [min(vqa_accuracy(o, s["answers"]) for o in s["outputs"]) for s in budget.samples]
+        rows.append(
+            ResultRow(
+                model=model_name,
+                task="vqa",
+                dataset=dataset_name,
+                metric="vqa_accuracy",
+                attack=budget.attack,
+                eps=budget.eps,
+                steps=budget.steps,
+                clean=sum(clean) / len(clean),
+                adversarial=sum(worst) / len(worst) if budget.eps > 0 else None,
+                n=len(clean),
+                seconds=round(budget.seconds, 3),
+                seed=seed,
+                flags=[],
+                versions=versions(),
+            )
+        )
+    return rows
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``dvd eval vqa``: VQAv2 accuracy of a VLM, clean and under attack."""
+    from dvd.config import ConfigError, positive_int
+    from dvd.data.transforms import image_transform
+    from dvd.data.vqa import VQAv2
+    from dvd.eval import vlm_attack as va
+
+    parser = argparse.ArgumentParser(prog="dvd eval vqa", description=cli.__doc__)
+    va.add_common_arguments(parser, attacks=VQA_ATTACKS, attack="ensemble")
+    parser.add_argument("--data", default=None, help="a ShapesWorld root (vqa/, images/)")
+    parser.add_argument("--questions", default=None, help="VQAv2 questions JSON")
+    parser.add_argument("--annotations", default=None, help="VQAv2 annotations JSON (the human answers)")
+    parser.add_argument("--images", default=None, help="image root")
+    parser.add_argument("--references", default="5", help="most frequent answers attacked per question")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help="targeted answers of the ensemble ('' for none)"
+    )
+    parser.add_argument("--broken-at", type=float, default=0.0, help="questions at this accuracy are done")
+    parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
+    args = parser.parse_args(list(argv))
+    options = va.parse_common(args, VQA_ATTACKS)
+    n_references = positive_int(args.references, "--references")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.data is not None:
+        root = Path(args.data)
+        questions, annotations = root / "vqa" / "questions.json", root / "vqa" / "annotations.json"
+        images, name = Path(args.images) if args.images else root / "images", "shapesworld/vqa"
+    elif args.questions and args.annotations and args.images:
+        questions, annotations, images, name = (
+            Path(args.questions),
+            Path(args.annotations),
+            Path(args.images),
+            "vqav2",
+        )
+    else:
+        raise ConfigError("give --data SHAPESWORLD_ROOT, or --questions, --annotations and --images")
+    for path in (questions, annotations):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
+    data = VQAv2(questions, annotations, images, transform=image_transform(model.image_size))
+    state_dir = Path(f"{options.out}.partial")
+    rows = evaluate_vqa(
+        model,
+        data,
+        eps_list=options.eps_list,
+        attack=options.attack,
+        steps=options.steps,
+        n_references=n_references,
+        targets=targets,
+        precision=options.precision,
+        broken_at=args.broken_at,
+        suffix=args.suffix,
+        max_new_tokens=options.max_new_tokens or 10,
+        batch_size=options.batch_size,
+        limit=options.limit,
+        seed=args.seed,
+        model_name=va.model_name_of(args),
+        dataset_name=args.dataset_name or name,
+        state_dir=state_dir,
+        progress=not args.no_progress,
+    )
+    return va.finish(rows, options.out, state_dir)

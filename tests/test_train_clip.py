@@ -1,0 +1,281 @@
+"""`dvd train clip`: every recipe trains on a tiny ShapesWorld, ΔCLIP's attack does no weight work,
+checkpoints load in plain open_clip, and bad settings are one clear error."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dvd.config import ConfigError, load_config
+from dvd.models.clip import load_clip
+from dvd.train.clip import (
+    AttackSettings,
+    ClipTrainConfig,
+    ContrastiveLoss,
+    ContrastiveStep,
+    InterpolatedPositions,
+    Phase,
+    Resolution,
+    build_phases,
+    check_config,
+    train_clip,
+)
+from dvd.train.loop import DistEnv, StepInfo
+
+TINY = ["model=dvd-tiny-vit", "batch_size=8", "progress=false", "warmup_steps=1", "shuffle_buffer=16"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dvd.data.shapesworld import generate
+
+    root = tmp_path_factory.mktemp("world") / "sw"
+    generate(root, seed=0, size=96, image_size=32, eval_size=20, shard_size=24)
+    return root
+
+
+def run(world: Path, out: Path, *overrides: str) -> dict:
+    cfg = load_config(ClipTrainConfig, None, [f"data={world}", f"output_dir={out}", *TINY, *overrides])
+    return train_clip(cfg)
+
+
+@pytest.fixture(scope="module")
+def clean_clip(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean")
+    summary = run(world, out, "recipe=clean", "steps=3", "checkpoint_every=3")
+    return Path(summary["final"])
+
+
+def open_clip_features(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    """Image embeddings computed by plain open_clip from a saved folder (normalisation done by hand)."""
+    model = open_clip.create_model(f"local-dir:{folder}").eval()
+    mean = torch.tensor(model.visual.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_image((images - mean) / std), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_clean_recipe_exports_a_folder_plain_open_clip_loads_with_identical_embeddings(clean_clip):
+    images = torch.rand(4, 3, 32, 32)
+    ours = load_clip(clean_clip)
+    with torch.no_grad():
+        expected = ours.encode_image(images)
+    assert torch.equal(open_clip_features(clean_clip, images), expected)
+
+
+def test_delta_trains_checkpoints_logs_attack_and_evaluates(world, tmp_path):
+    summary = run(
+        world, tmp_path, "recipe=delta", "steps=4", "attack_steps=2", "checkpoint_every=2", "log_every=2",
+        "eval_every=4", "eval_tasks=color", "eval_samples=8", "eval_attack_steps=2", "keep_last=1",
+    )  # fmt: skip
+    assert summary["step"] == 4 and summary["skipped"] == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert checkpoints == ["step-000000004"]  # keep_last=1 pruned step 2
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000000004"
+    for name in ("config.json", "versions.json", "train_state.pt", "open_clip_model.safetensors"):
+        assert (tmp_path / "checkpoints" / "step-000000004" / name).is_file()
+    # the checkpoint itself is an open_clip folder with the final weights
+    final = load_file(str(tmp_path / "final" / "open_clip_model.safetensors"))
+    saved = load_file(str(tmp_path / "checkpoints" / "step-000000004" / "open_clip_model.safetensors"))
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/attack/loss_gain",
+        "train/attack/success",
+        "eval/color/clean",
+        "eval/color/robust",
+    ):
+        assert tag in tags, tag
+    gain = events.Scalars("train/attack/loss_gain")
+    assert all(event.value > 0 for event in gain)  # PGD raised the contrastive loss of the batch
+    rows = __import__("json").loads((tmp_path / "eval.json").read_text())
+    assert rows[0]["dataset"] == "shapesworld/color" and rows[0]["attack"] == "pgd" and rows[0]["n"] == 8
+
+
+@pytest.mark.parametrize("recipe", ["tecoa", "fare"])
+def test_finetuning_recipes_train_only_the_image_tower(recipe, world, clean_clip, tmp_path):
+    summary = run(
+        world,
+        tmp_path,
+        f"recipe={recipe}",
+        f"pretrained={clean_clip}",
+        "steps=2",
+        "attack_steps=2",
+        "checkpoint_every=2",
+        "lr=1e-3",
+        "log_every=1",
+        "task=shape",
+    )
+    before = load_file(str(clean_clip / "open_clip_model.safetensors"))
+    after = load_file(str(Path(summary["final"]) / "open_clip_model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    assert torch.equal(before["logit_scale"], after["logit_scale"])
+
+
+def test_resolution_phases_train_low_res_then_full_res_and_keep_a_full_size_embedding(world, tmp_path):
+    phases = (
+        "phases=[{steps: 2, image_size: 16, attack_steps: 1}, {steps: 1, image_size: 32, attack_steps: 2}]"
+    )
+    summary = run(world, tmp_path, "recipe=delta", "steps=3", "checkpoint_every=3", phases)
+    weights = load_file(str(Path(summary["final"]) / "open_clip_model.safetensors"))
+    assert weights["visual.positional_embedding"].shape == (1 + 8 * 8, 64)
+    assert not any("parametrizations" in k for k in weights)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(
+            open_clip_features(Path(summary["final"]), images),
+            load_clip(summary["final"]).encode_image(images),
+        )
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_interpolated_positions_are_identity_at_native_size_and_differentiable_when_smaller():
+    positions = InterpolatedPositions((4, 4))
+    full = torch.randn(17, 8, requires_grad=True)
+    assert positions(full) is full
+    positions.grid = (2, 2)
+    small = positions(full)
+    assert small.shape == (5, 8) and torch.equal(small[0], full[0])
+    small.sum().backward()
+    assert full.grad is not None and full.grad.shape == full.shape
+
+
+def _delta_setup(recipe_steps: int = 2):
+    from dvd.models.clip import create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("dvd-tiny-vit")
+    step = ContrastiveStep(clip).train()
+    phases = [Phase(0, 10, 32, recipe_steps)]
+    attack = AttackSettings(
+        eps=8 / 255, step_size=None, random_start=True, warmup_steps=0, train_mode=False, seed=0
+    )
+    loss = ContrastiveLoss(
+        model=step,
+        clip=clip,
+        env=DistEnv(),
+        phases=phases,
+        resolution=Resolution(clip, phases),
+        attack=attack,
+        clean_loss_weight=0.0,
+        local_loss=True,
+        gather_with_grad=True,
+    )
+    images = torch.rand(6, 3, 32, 32)
+    tokens = clip.tokenize([f"a photo of {i} red circles." for i in range(6)])
+    return clip, step, loss, images, tokens
+
+
+def test_delta_attack_accumulates_no_parameter_gradient():
+    clip, step, loss, images, tokens = _delta_setup()
+    with torch.no_grad():
+        text = clip.encode_text(tokens)
+    adversarial = loss._attack(images, text, steps=3, info=StepInfo(0, 0, False))
+    assert all(p.grad is None for p in clip.parameters())
+    assert all(p.requires_grad for p in clip.parameters())  # unfrozen again afterwards
+    assert (adversarial - images).abs().max() <= 8 / 255 + 1e-6 and not torch.equal(adversarial, images)
+
+
+def test_delta_step_gradient_equals_a_clean_step_on_the_adversarial_batch():
+    clip, step, loss, images, tokens = _delta_setup()
+    attack = functools.partial(loss._attack, steps=2, info=StepInfo(0, 0, False))
+    out = step(images, tokens, attack=attack)
+    loss.clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    delta_grads = {n: p.grad.clone() for n, p in clip.named_parameters()}
+    clip.zero_grad(set_to_none=True)
+    again = step(out["images"], tokens)
+    loss.clip_loss(again["image_features"], again["text_features"], again["logit_scale"]).backward()
+    for name, p in clip.named_parameters():
+        assert torch.equal(delta_grads[name], p.grad), name
+
+
+def test_delta_logging_step_reports_attack_success_and_gain():
+    clip, step, loss, images, tokens = _delta_setup()
+    result = loss((images, tokens), StepInfo(0, 0, True))
+    assert result["loss"].requires_grad
+    assert 0.0 <= result["attack/success"] <= 1.0 and result["attack/loss_gain"] > 0
+
+
+def test_eps_warms_up_linearly_and_step_size_follows_the_documented_rule():
+    attack = AttackSettings(
+        eps=4 / 255, step_size=None, random_start=True, warmup_steps=4, train_mode=False, seed=0
+    )
+    assert [round(attack.eps_at(s) * 255, 6) for s in range(6)] == [1, 2, 3, 4, 4, 4]
+    assert attack.step_size_for(4 / 255, 1) == pytest.approx(1.25 * 4 / 255)
+    assert attack.step_size_for(4 / 255, 3) == pytest.approx(2.5 * 4 / 255 / 3)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def _cfg(*overrides: str) -> ClipTrainConfig:
+    return load_config(ClipTrainConfig, None, ["data=somewhere", *overrides])
+
+
+def test_unknown_recipe_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'delta'"):
+        check_config(_cfg("recipe=detla"))
+
+
+def test_finetuning_without_a_pretrained_model_names_the_fix():
+    with pytest.raises(ConfigError, match="pretrained="):
+        check_config(_cfg("recipe=tecoa"))
+
+
+def test_eps_above_one_without_unit_is_refused():
+    with pytest.raises(ConfigError, match="/255"):
+        check_config(_cfg("eps=4"))
+
+
+def test_phases_must_add_up_to_the_steps_and_fit_the_patch_grid():
+    from dvd.models.clip import create_clip
+
+    clip = create_clip("dvd-tiny-vit")
+    cfg = check_config(_cfg("steps=10", "phases=[{steps: 4, image_size: 16}, {steps: 4, image_size: 32}]"))
+    with pytest.raises(ConfigError, match="add up to 8 steps but steps=10"):
+        build_phases(cfg, clip)
+    cfg = check_config(_cfg("steps=4", "phases=[{steps: 4, image_size: 18}]"))
+    with pytest.raises(ConfigError, match="multiple of the patch size 4"):
+        build_phases(cfg, clip)
+
+
+def test_missing_data_root_is_a_one_line_error(tmp_path):
+    cfg = load_config(ClipTrainConfig, None, [f"data={tmp_path}", f"output_dir={tmp_path / 'o'}", *TINY])
+    with pytest.raises(FileNotFoundError, match="neither a ShapesWorld root"):
+        train_clip(cfg)
+
+
+def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(world, tmp_path):
+    import json
+
+    annotations = json.loads((world / "captions" / "annotations.json").read_text())
+    captions = {a["image_id"]: a["caption"] for a in annotations["annotations"]}
+    rows = [f"{image['file_name']}\t{captions[image['id']]}" for image in annotations["images"][:17]]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows.append(f"{tmp_path / 'broken.png'}\ta broken image.")
+    (tmp_path / "pairs.csv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    summary = run(
+        tmp_path / "pairs.csv", tmp_path / "out", "recipe=delta", "steps=3", "checkpoint_every=3",
+        "attack_steps=1", f"csv_image_root={world / 'images'}",
+    )  # fmt: skip
+    assert summary["step"] == 3 and summary["skipped"] == 0
