@@ -303,6 +303,8 @@ def instruct_caption_prompt(instruct_json: str | Path) -> str | None:
     for entry in read_json(instruct_json):
         turns = entry.get("conversations", []) if isinstance(entry, dict) else []
         for human, gpt in zip(turns[::2], turns[1::2], strict=False):
+            if not (isinstance(human, dict) and isinstance(gpt, dict)):
+                continue
             prompt = str(human.get("value", "")).replace("<image>", "").strip()
             if prompt and SHORT_ANSWER_MARK not in prompt and len(str(gpt.get("value", "")).split()) > 3:
                 counts[prompt] += 1
@@ -530,7 +532,7 @@ def cli(argv: Sequence[str]) -> int:
         steps=options.steps,
         n_references=n_references,
         precision=options.precision,
-        broken_at=args.broken_at,
+        broken_at=va.broken_at(args.broken_at),
         prompt=source.prompt,
         max_new_tokens=options.max_new_tokens or 20,
         batch_size=options.batch_size,

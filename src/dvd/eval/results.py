@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,50 @@ def remove_states(state_dir: str | Path, rows: Iterable[ResultRow], *, suffix: s
         state_path(state_dir, **fields, eps=row.eps, suffix=suffix).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(state_dir).rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable evaluation state, shared by every evaluation command
+
+
+def load_state(path: Path | None, key: dict[str, Any]) -> dict[str, Any]:
+    """The per-sample progress of an interrupted evaluation written under the same ``key``, or a fresh one.
+
+    ``key`` identifies model, data and settings: a state from another configuration is never mixed in.
+    """
+    fresh = {
+        "key": key,
+        "position": 0,
+        "skipped": 0,
+        "clean": [],
+        "robust": [],
+        "flags": [],
+        "seconds": 0.0,
+        "finished": False,
+    }
+    if path is None or not path.is_file():
+        return fresh
+    try:
+        state = read_json(path)
+    except ValueError:
+        return fresh  # a half-written file cannot happen (atomic writes); anything else is started over
+    if state.get("key") != json.loads(json.dumps(key)):
+        print(f"note: {path.name} was written by a different configuration; starting over", file=sys.stderr)
+        return fresh
+    return state
+
+
+def save_state(path: Path | None, state: dict[str, Any]) -> None:
+    """Write the progress atomically (a kill leaves the previous state, never half a file)."""
+    if path is not None:
+        write_json(path, state)
+
+
+def flag_rising_robustness(rows: list[ResultRow]) -> None:
+    """AutoAttack-style check: robust accuracy must not rise with a larger budget on the same samples."""
+    from dvd.attacks import not_falling
+
+    attacked = [r for r in rows if r.eps > 0 and r.adversarial is not None]
+    if len({r.n for r in attacked}) == 1 and not_falling({r.eps: r.adversarial for r in attacked}):
+        for row in attacked:
+            row.flags = sorted({*row.flags, "robust_accuracy_rises_with_eps"})

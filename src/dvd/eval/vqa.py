@@ -286,7 +286,7 @@ def cli(argv: Sequence[str]) -> int:
         n_references=n_references,
         targets=targets,
         precision=options.precision,
-        broken_at=args.broken_at,
+        broken_at=va.broken_at(args.broken_at),
         suffix=args.suffix,
         max_new_tokens=options.max_new_tokens or 10,
         batch_size=options.batch_size,

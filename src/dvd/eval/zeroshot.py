@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import hashlib
 import itertools
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,8 +26,18 @@ from torch import nn
 from tqdm import tqdm
 
 from dvd.config import ConfigError, parse_eps_list, positive_int, suggest
-from dvd.eval.results import ResultRow, eps_text, format_table, remove_states, state_path, write_rows
-from dvd.io import read_json, versions, write_json
+from dvd.eval.results import (
+    ResultRow,
+    eps_text,
+    flag_rising_robustness,
+    format_table,
+    load_state,
+    remove_states,
+    save_state,
+    state_path,
+    write_rows,
+)
+from dvd.io import versions
 
 DEFAULT_EPS = "1/255,2/255,4/255"
 ATTACKS: dict[str, tuple[str, ...]] = {
@@ -160,7 +169,7 @@ def evaluate_zeroshot(
                 fingerprint=fingerprint,
             )
             rows.append(run.evaluate(state_dir))
-    _flag_rising_robustness(rows)
+    flag_rising_robustness(rows)
     return rows
 
 
@@ -219,7 +228,7 @@ class _Budget:
 
     def evaluate(self, state_dir: str | Path | None) -> ResultRow:
         path = self.state_path(state_dir)
-        state = _load_state(path, self.key)
+        state = load_state(path, self.key)
         clean: list[bool] = state["clean"]
         robust: list[bool] = state["robust"]
         flags: set[str] = set(state["flags"])
@@ -257,11 +266,11 @@ class _Budget:
                 state.update(clean=clean, robust=robust, flags=sorted(flags), position=next_position)
                 state["skipped"] += next_position - position - len(labels)
                 state["seconds"] += time.perf_counter() - tick
-                _save_state(path, state)
+                save_state(path, state)
                 bar.update(next_position - position)
                 bar.set_postfix(clean=f"{_mean(clean):.3f}", robust=f"{_mean(robust):.3f}" if robust else "-")
             state["finished"] = True
-            _save_state(path, state)
+            save_state(path, state)
         bar.close()
         if not clean:
             raise ValueError(f"{self.dataset_name} yielded no samples; check the dataset directory and split")
@@ -516,34 +525,6 @@ def _total(dataset: Any, limit: int | None) -> int | None:
     return size if limit is None else min(size, limit)
 
 
-def _load_state(path: Path | None, key: dict[str, Any]) -> dict[str, Any]:
-    fresh = {
-        "key": key,
-        "position": 0,
-        "skipped": 0,
-        "clean": [],
-        "robust": [],
-        "flags": [],
-        "seconds": 0.0,
-        "finished": False,
-    }
-    if path is None or not path.is_file():
-        return fresh
-    try:
-        state = read_json(path)
-    except ValueError:
-        return fresh  # a half-written file cannot happen (atomic writes); anything else is started over
-    if state.get("key") != json.loads(json.dumps(key)):
-        print(f"note: {path.name} was written by a different configuration; starting over", file=sys.stderr)
-        return fresh
-    return state
-
-
-def _save_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is not None:
-        write_json(path, state)
-
-
 def _fingerprint(classifier: ZeroShotClassifier) -> str:
     """Identifies model + classifier for resuming: text weights and the logits of one fixed probe image."""
     size = classifier.image_size
@@ -554,16 +535,6 @@ def _fingerprint(classifier: ZeroShotClassifier) -> str:
     digest = hashlib.sha1(classifier.weights.float().cpu().numpy().round(4).tobytes())
     digest.update(logits.numpy().round(3).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _flag_rising_robustness(rows: list[ResultRow]) -> None:
-    """AutoAttack-style check: robust accuracy must not rise with a larger budget on the same samples."""
-    from dvd.attacks import not_falling
-
-    attacked = [r for r in rows if r.eps > 0 and r.adversarial is not None]
-    if len({r.n for r in attacked}) == 1 and not_falling({r.eps: r.adversarial for r in attacked}):
-        for row in attacked:
-            row.flags = sorted({*row.flags, "robust_accuracy_rises_with_eps"})
 
 
 def _flag_names(flags: Any) -> list[str]:
