@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-slow lint bench clean
 
 # torch and torchvision are pinned to the releases that pip finds on local disk here;
 # elsewhere pip downloads them (any torch >= 2.4 works; see pyproject.toml).
@@ -17,9 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dvd data shapesworld --out runs/demo/world
 
+# the fast suite (minutes); the minutes-long tests are marked `slow` and run by `make test-slow` (CI runs both)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -102,3 +102,8 @@ def test_override_parsing_never_escapes_with_a_traceback(items):
         load_config(_Recipe, None, items)
     except ConfigError:
         pass
+
+
+def test_override_with_control_characters_is_a_config_error():
+    with pytest.raises(ConfigError, match="not a valid value"):
+        load_config(_Recipe, None, ["eps=[\x1b]"])

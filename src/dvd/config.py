@@ -75,6 +75,14 @@ def positive_int(value: Any, name: str = "value") -> int:
     return number
 
 
+def _yaml_value(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"{key}={text!r} is not a valid value ({reason}); e.g. {key}=[1, 2]") from None
+
+
 def _coerce(text: str, annotation: Any, key: str) -> Any:
     """Turn an override's text into the field's type."""
     origin = typing.get_origin(annotation)
@@ -83,7 +91,7 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
         if text.lower() in ("none", "null", "~") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(text, inner[0], key) if len(inner) == 1 else yaml.safe_load(text)
+        return _coerce(text, inner[0], key) if len(inner) == 1 else _yaml_value(text, key)
     if annotation is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -99,10 +107,12 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
     if annotation is str:
         return text
     if origin in (list, tuple):
-        loaded = yaml.safe_load(text) if text.startswith("[") else [t for t in text.split(",") if t]
+        loaded = _yaml_value(text, key) if text.startswith("[") else [t for t in text.split(",") if t]
+        if not isinstance(loaded, list):
+            raise ConfigError(f"{key}={text!r} is not a list; write {key}=a,b or {key}=[a, b]")
         item = args[0] if args else str
         return [_coerce(str(v), item, key) for v in loaded]
-    return yaml.safe_load(text)
+    return _yaml_value(text, key)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:

@@ -36,9 +36,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
 import os
 import shutil
@@ -56,10 +54,11 @@ from torch.nn.utils import parametrize
 
 from dvd.attacks.objectives import clip_contrastive, cross_entropy, embedding_distance
 from dvd.attacks.pgd import pgd
-from dvd.config import ConfigError, load_config, parse_eps, positive_int, suggest, to_dict
+from dvd.config import ConfigError, parse_eps, positive_int, suggest, to_dict
 from dvd.io import versions, write_json
 from dvd.models.clip import CONFIG_NAME, DVD_NAME, WEIGHTS_NAME, DvdCLIP, create_clip
 from dvd.train.clip_data import build_dataset, check_shard_count, detect_format, make_loader_factory
+from dvd.train.command import training_cli
 from dvd.train.loop import (
     CheckpointManager,
     CosineSchedule,
@@ -1000,24 +999,15 @@ def _fsdp_units(clip: DvdCLIP) -> list[nn.Module]:
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd train clip --config FILE.yaml [key=value ...]``"""
-    parser = argparse.ArgumentParser(
+    return training_cli(
+        argv,
         prog="dvd train clip",
         description="ΔCLIP adversarial pre-training, clean CLIP, TeCoA and FARE fine-tuning; torchrun-ready.",
+        config_cls=ClipTrainConfig,
+        train=train_clip,
+        summary_keys=("step", "skipped", "final", "resumed_from"),
+        recipes="configs/clip_*.yaml",
     )
-    parser.add_argument("--config", help="YAML recipe (see configs/clip_*.yaml)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
-    parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML file")
-    args = parser.parse_args(list(argv))
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    cfg = load_config(ClipTrainConfig, args.config, overrides)
-    try:
-        summary = train_clip(cfg)
-    except TrainingDiverged as error:
-        print(f"dvd: error: {error}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: summary[k] for k in ("step", "skipped", "final", "resumed_from")}))
-    return 0
 
 
 if __name__ == "__main__":

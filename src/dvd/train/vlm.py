@@ -17,10 +17,7 @@ The loop, distributed setup (torchrun DDP / FSDP2), bf16 autocast, checkpoint/re
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,12 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dvd.config import ConfigError, load_config, parse_eps, positive_int, to_dict
+from dvd.config import ConfigError, parse_eps, positive_int, to_dict
 from dvd.io import versions, write_json
 from dvd.models.vlm import save_vlm
 from dvd.models.vlm_conversation import get_template
 from dvd.train.clip import AttackSettings
 from dvd.train.clip_data import make_loader_factory
+from dvd.train.command import training_cli
 from dvd.train.loop import (
     CheckpointManager,
     CosineSchedule,
@@ -338,24 +336,15 @@ def export_final(
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd train vlm --config FILE.yaml [--resume latest] [key=value ...]``"""
-    parser = argparse.ArgumentParser(
+    return training_cli(
+        argv,
         prog="dvd train vlm",
         description="LLaVA-style stage 1 / stage 2 training, clean or Δ² adversarial; torchrun-ready.",
+        config_cls=VlmTrainConfig,
+        train=train_vlm,
+        summary_keys=("step", "steps", "skipped", "final", "resumed_from"),
+        recipes="configs/vlm_*.yaml",
     )
-    parser.add_argument("--config", help="YAML recipe (see configs/vlm_*.yaml)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
-    parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML file")
-    args = parser.parse_args(list(argv))
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    cfg = load_config(VlmTrainConfig, args.config, overrides)
-    try:
-        summary = train_vlm(cfg)
-    except TrainingDiverged as error:
-        print(f"dvd: error: {error}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: summary[k] for k in ("step", "steps", "skipped", "final", "resumed_from")}))
-    return 0
 
 
 if __name__ == "__main__":
