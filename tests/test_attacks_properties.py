@@ -13,11 +13,12 @@ from dvd.attacks import (
     apgd_attack,
     cross_entropy,
     evaluate_robustness,
+    from_callable,
     margin,
     pgd_attack,
     square_attack,
 )
-from dvd.attacks.norms import l2_norm, linf_norm
+from dvd.attacks.norms import l2_norm, linf_norm, project
 
 TOL = 1e-6
 ATTACKS = ["apgd", "pgd", "square"]
@@ -199,3 +200,18 @@ def test_early_stop_only_attacks_unbroken_samples(seed, steps, attack):
     assert torch.equal(result.success, breaks_at + 1 <= budget)
     sizes = [len(ids) for ids in objective.log]
     assert sizes == sorted(sizes, reverse=True)
+
+
+@PROPERTY
+@given(budget=budgets, seed=st.integers(0, 2**16), n=st.integers(2, 6))
+def test_apgd_from_a_given_start_stays_in_the_ball_and_never_ends_below_its_start(budget, seed, n):
+    norm, eps = budget
+    model = tiny_classifier(seed)
+    x, y = batch(seed, n)
+    far = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1))  # outside the ball
+    objective = from_callable(lambda z: torch.nn.functional.cross_entropy(model(z), y, reduction="none"))
+    result = apgd_attack(objective, x, eps=eps, steps=3, norm=norm, x_init=far)  # no success: best loss
+    assert_inside(result.adversarial, x, eps, norm)
+    start = project(far, x, eps, norm)
+    with torch.no_grad():
+        assert bool((objective(result.adversarial).loss >= objective(start).loss - 1e-5).all())

@@ -66,9 +66,14 @@ def _single_run(
     rho: float,
     generator: torch.Generator,
     early_stop: bool,
+    x_init: Tensor | None = None,
 ) -> None:
-    """One APGD run from a random start on the samples ``index`` of the batch; results go to ``tracker``."""
-    start = random_start(x, eps, norm, generator, on_sphere=True)
+    """One APGD run on the samples ``index`` of the batch, from ``x_init`` (projected into the ball) or a
+    random start; results go to ``tracker``."""
+    if x_init is None:
+        start = random_start(x, eps, norm, generator, on_sphere=True)
+    else:
+        start = project(x_init.detach().to(x.dtype), x, eps, norm)
     out, grad = value_and_grad(objective, start)
     reports = out.success is not None
     found = out.success if reports else torch.zeros_like(out.loss, dtype=torch.bool)
@@ -152,12 +157,17 @@ def apgd_attack(
     rho: float = 0.75,
     generator: torch.Generator | None = None,
     early_stop: bool = True,
+    x_init: Tensor | None = None,
 ) -> AttackResult:
     """APGD on ``objective`` around the images ``x`` in [0, 1]; returns the per-sample :class:`AttackResult`.
 
     ``early_stop`` drops a sample as soon as the objective reports success (its first successful
-    point is kept); restarts only attack samples not yet broken. Models must be in eval mode.
+    point is kept); restarts only attack samples not yet broken. ``x_init`` starts the first run from
+    given points (e.g. the best adversarial of an earlier attack), later restarts start at random.
+    Models must be in eval mode.
     """
+    if x_init is not None and x_init.shape != x.shape:
+        raise ValueError(f"x_init has shape {tuple(x_init.shape)} but the images have {tuple(x.shape)}")
     norm = check_norm(norm)
     check_budget(eps, steps)
     check_images(x)
@@ -182,8 +192,9 @@ def apgd_attack(
                 if index.numel() == 0:
                     break
             sub = objective if index.numel() == x.shape[0] else objective.subset(index)
+            init = x_init[index] if x_init is not None and restart == 0 else None
             _single_run(sub, x[index], index, tracker, eps=eps, steps=steps, norm=norm, rho=rho,
-                        generator=generator, early_stop=early_stop)
+                        generator=generator, early_stop=early_stop, x_init=init)
     return tracker.result()
 
 
@@ -198,7 +209,8 @@ def apgd(
     rho: float = 0.75,
     generator: torch.Generator | None = None,
     early_stop: bool = True,
+    x_init: Tensor | None = None,
 ) -> Tensor:
     """APGD adversarial images: the first successful point per sample, else its highest-loss point."""
     return apgd_attack(objective, x, eps=eps, steps=steps, norm=norm, n_restarts=n_restarts, rho=rho,
-                       generator=generator, early_stop=early_stop).adversarial
+                       generator=generator, early_stop=early_stop, x_init=x_init).adversarial

@@ -3,10 +3,11 @@ ensemble of Schlarmann et al. / RobustVLM, and the resumable batched loop shared
 
 The ensemble (``dvd eval caption`` / ``vqa`` / ``pope``): score every sample's clean output, then run APGD
 on the NLL of each reference answer in turn (low precision on GPUs), then once more in fp32 against the
-reference that did best, then optionally targeted APGD towards fixed strings; after every attack the
-new outputs are generated and scored, and each sample keeps the output with the *lowest* score. Only
-samples not yet broken (score above ``broken_at``) are attacked again. Every output is stored, so the
-final per-sample minimum is taken again under the final scorer and robust <= clean by construction.
+reference that did best, started from the most damaging image found so far, then optionally targeted
+APGD towards fixed strings; after every attack the new outputs are generated and scored, and each sample
+keeps the output with the *lowest* score. Only samples not yet broken (score above ``broken_at``) are
+attacked again. Every output is stored, so the final per-sample minimum is taken again under the final
+scorer and robust <= clean by construction.
 """
 
 from __future__ import annotations
@@ -107,12 +108,14 @@ def attack_answers(
     generator: torch.Generator,
     targeted: bool = False,
     precision: str | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """APGD (L-inf) on the images against the NLL of ``answers``; the result is checked to lie in the ball."""
+    """APGD (L-inf) on the images against the NLL of ``answers``, from ``start`` or a random point;
+    the result is checked to lie in the ball."""
     from dvd.attacks import apgd
 
     objective = answer_objective(model, prompts, answers, targeted=targeted, precision=precision)
-    adversarial = apgd(objective, images, eps=eps, steps=steps, generator=generator).detach()
+    adversarial = apgd(objective, images, eps=eps, steps=steps, generator=generator, x_init=start).detach()
     check_in_ball(adversarial, images, eps)
     return adversarial
 
@@ -219,6 +222,7 @@ def worst_case_attack(
             generator=generator,
             targeted=stage.target is not None,
             precision=stage.precision,
+            start=result.images[index] if stage.best else None,  # the paper: fp32 APGD from the best so far
         )
         texts = model.generate(adversarial, sub_prompts, max_new_tokens=max_new_tokens)
         result.update(index, adversarial, texts, score(index, texts), chosen)
