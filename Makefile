@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dvd data shapesworld --out runs/demo/world
+	$(BIN)/dvd demo --out runs/demo
 
 # the fast suite (minutes); the minutes-long tests are marked `slow` and run by `make test-slow` (CI runs both)
 test: $(STAMP)

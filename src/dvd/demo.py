@@ -1,0 +1,778 @@
+"""``dvd demo``: the whole paper on a CPU in minutes, through the same code paths as the cluster jobs.
+
+Stages (each one a call of a ``dvd`` command's ``cli`` with a config written to ``OUT/configs``):
+
+1. ShapesWorld (``dvd data shapesworld``).
+2. Clean CLIP and ΔCLIP from scratch; TeCoA and FARE fine-tuned from the clean CLIP (``dvd train clip``).
+3. Zero-shot classification on every ShapesWorld task and image-text retrieval, clean and under APGD at
+   every budget, the same attack for every model (``dvd eval zeroshot`` / ``retrieval``).
+4. When ``dvd train vlm`` is installed: clean LLaVA on the clean CLIP and Δ²LLaVA on ΔCLIP (adversarial
+   instruction tuning in both stages), evaluated with ``dvd eval caption | vqa | pope | targeted``.
+5. ``OUT/report.md`` + PNG plots + ``OUT/results.json`` (:mod:`dvd.demo_report`).
+
+A finished stage is recorded in ``OUT/stages.json`` and reused on a re-run (a training stage is finished
+when its ``final`` folder exists); an interrupted training resumes from its last checkpoint
+(``resume=latest``) and an interrupted evaluation from its per-batch state, so a Ctrl-C'd demo re-run
+with the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dvd.config import ConfigError, suggest
+from dvd.io import read_json, write_json
+
+CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
+VLM_MODELS = ("clean-llava", "delta2-llava")
+# the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
+TARGET_CAPTION = "an image of four pink hearts."
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Everything the demo's stages take; ``quick`` is calibrated to show the paper's effect in minutes."""
+
+    name: str
+    seed: int = 0
+    # ShapesWorld
+    world_size: int = 10000
+    image_size: int = 32
+    eval_size: int = 200
+    instruct_size: int = 1000
+    # CLIP training: settings shared by the four recipes, then per recipe (dvd train clip keys)
+    clip_common: dict[str, Any] = field(default_factory=dict)
+    # an open_clip model config of the demo's own (written to OUT/configs/<clip_model_name>.json), or None
+    # to use ``clip_common["model"]`` as it is
+    clip_model_config: dict[str, Any] | None = None
+    clip_model_name: str = "dvd-demo-vit"
+    clip_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # evaluation: the same attack for every model
+    eps: tuple[str, ...] = ("2/255", "4/255")
+    zeroshot_attack: str = "apgd-ce"
+    zeroshot_steps: int = 100
+    zeroshot_limit: int = 100
+    retrieval_steps: int = 100
+    retrieval_limit: int = 100
+    # VLM (dvd train vlm keys), per stage; evaluation sizes
+    vlm_common: dict[str, Any] = field(default_factory=dict)
+    vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vlm_eval_limit: int = 20
+    vlm_references: int = 5  # reference captions / answers each caption / VQA attack is run against
+    vlm_eval_steps: int = 20
+    targeted_limit: int = 5
+    targeted_steps: int = 100
+    example_steps: int = 100  # APGD steps of the report's example grid
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the stages' outputs depend on (a folder made with other settings is not reused)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
+
+
+_CLIP_COMMON = {
+    "model": "dvd-tiny-vit",
+    "batch_size": 64,
+    "weight_decay": 0.1,
+    "shuffle_buffer": 2000,
+    "log_every": 20,
+    "eval_every": 0,
+    "progress": False,
+}
+_VLM_COMMON = {
+    "tokenizer": "shapesworld",
+    "template": "vicuna_v1_short",
+    "batch_size": 16,
+    "max_length": 256,
+    "log_every": 20,
+    "progress": False,
+}
+_VLM_STAGE2 = {"train_vision": True, "vision_lr": 2e-4, "projector_lr": 1e-3, "warmup_steps": 20}
+
+
+def _finetune(recipe: str, steps: int, attack_steps: int, step_size: str, **extra: Any) -> dict[str, Any]:
+    """TeCoA / FARE from the clean CLIP: RobustVLM's recipe shape (AdamW, small lr, PGD at eps 4/255)."""
+    return {"recipe": recipe, "steps": steps, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 1e-4,
+            "eps": "4/255", "attack_steps": attack_steps, "attack_step_size": step_size,
+            "checkpoint_every": 50, **extra}  # fmt: skip
+
+
+PRESETS: dict[str, DemoPreset] = {
+    # calibrated on a shared 2-core CPU (benchmarks/README.md, "ΔCLIP vs clean CLIP, TeCoA, FARE on
+    # ShapesWorld"): 32 px, 2-layer towers, 600 steps of batch 64 at lr 2e-3; ΔCLIP with PGD-1 (step 1.25 eps)
+    "quick": DemoPreset(
+        name="quick",
+        world_size=20000,
+        eval_size=200,
+        instruct_size=2000,
+        clip_common=_CLIP_COMMON,
+        clip_recipes={
+            "clean-clip": {
+                "recipe": "clean",
+                "steps": 600,
+                "lr": 2e-3,
+                "warmup_steps": 30,
+                "checkpoint_every": 200,
+            },
+            "delta-clip": {
+                "recipe": "delta",
+                "steps": 600,
+                "lr": 2e-3,
+                "warmup_steps": 30,
+                "eps": "4/255",
+                "attack_steps": 1,
+                "eps_warmup_steps": 60,
+                "checkpoint_every": 200,
+            },
+            "tecoa": _finetune("tecoa", 150, 3, "2/255", task="shape"),
+            "fare": _finetune("fare", 150, 3, "2/255"),
+        },  # fmt: skip
+        eps=("2/255", "4/255"),
+        zeroshot_limit=100,
+        retrieval_steps=100,
+        retrieval_limit=100,
+        vlm_common=_VLM_COMMON,
+        vlm_stages={
+            "stage1": {
+                "stage": 1,
+                "steps": 100,
+                "lr": 1e-3,
+                "checkpoint_every": 50,
+                "attack_steps": 2,
+                "attack_step_size": "3/255",
+            },
+            "stage2": {
+                "stage": 2,
+                "steps": 200,
+                "lr": 1e-3,
+                "checkpoint_every": 50,
+                "attack_steps": 2,
+                "attack_step_size": "3/255",
+                **_VLM_STAGE2,
+            },
+        },  # fmt: skip
+        vlm_eval_limit=20,
+        vlm_eval_steps=20,
+        vlm_references=2,
+        targeted_limit=5,
+        targeted_steps=100,
+    ),
+    "full": DemoPreset(
+        name="full",
+        world_size=20000,
+        eval_size=300,
+        instruct_size=2000,
+        clip_common=_CLIP_COMMON,
+        clip_recipes={
+            "clean-clip": {
+                "recipe": "clean",
+                "steps": 1500,
+                "lr": 2e-3,
+                "warmup_steps": 50,
+                "checkpoint_every": 250,
+            },
+            "delta-clip": {
+                "recipe": "delta",
+                "steps": 1500,
+                "lr": 2e-3,
+                "warmup_steps": 50,
+                "eps": "4/255",
+                "attack_steps": 2,
+                "eps_warmup_steps": 150,
+                "checkpoint_every": 250,
+            },
+            "tecoa": _finetune("tecoa", 300, 10, "1/255", task="shape"),
+            "fare": _finetune("fare", 300, 10, "1/255"),
+        },  # fmt: skip
+        eps=("1/255", "2/255", "4/255", "8/255"),
+        zeroshot_limit=200,
+        retrieval_limit=200,
+        vlm_common=_VLM_COMMON,
+        vlm_stages={
+            "stage1": {
+                "stage": 1,
+                "steps": 200,
+                "lr": 1e-3,
+                "checkpoint_every": 100,
+                "attack_steps": 3,
+                "attack_step_size": "3/255",
+            },
+            "stage2": {
+                "stage": 2,
+                "steps": 800,
+                "lr": 1e-3,
+                "checkpoint_every": 200,
+                "attack_steps": 3,
+                "attack_step_size": "3/255",
+                **_VLM_STAGE2,
+            },
+        },  # fmt: skip
+        vlm_eval_limit=100,
+        vlm_eval_steps=100,
+        vlm_references=5,
+        targeted_limit=10,
+        targeted_steps=300,
+    ),
+    # a few steps and samples of everything: the tests run the real stages with it
+    "test": DemoPreset(
+        name="test",
+        world_size=64,
+        eval_size=8,
+        instruct_size=16,
+        clip_common={**_CLIP_COMMON, "batch_size": 8, "shuffle_buffer": 16, "log_every": 1},
+        clip_recipes={
+            "clean-clip": {"recipe": "clean", "steps": 2, "warmup_steps": 1, "checkpoint_every": 1},
+            "delta-clip": {
+                "recipe": "delta",
+                "steps": 2,
+                "warmup_steps": 1,
+                "attack_steps": 1,
+                "checkpoint_every": 1,
+            },
+            "tecoa": {
+                "recipe": "tecoa",
+                "steps": 1,
+                "warmup_steps": 0,
+                "attack_steps": 1,
+                "checkpoint_every": 1,
+            },
+            "fare": {
+                "recipe": "fare",
+                "steps": 1,
+                "warmup_steps": 0,
+                "attack_steps": 1,
+                "checkpoint_every": 1,
+            },
+        },  # fmt: skip
+        eps=("4/255",),
+        zeroshot_steps=2,
+        zeroshot_limit=4,
+        retrieval_steps=2,
+        retrieval_limit=4,
+        vlm_common={**_VLM_COMMON, "batch_size": 4, "log_every": 1},
+        vlm_stages={
+            "stage1": {"stage": 1, "steps": 1, "checkpoint_every": 1},
+            "stage2": {"stage": 2, "steps": 1, "checkpoint_every": 1, "attack_steps": 1},
+        },
+        vlm_eval_limit=2,
+        vlm_eval_steps=1,
+        vlm_references=1,
+        targeted_limit=1,
+        targeted_steps=1,
+        example_steps=2,
+    ),
+}
+PUBLIC_PRESETS = ("quick", "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class Stage:
+    """One step of the demo: ``run()`` does the work; ``done()`` says a previous run already did it
+    (a training stage: its ``final`` folder exists; an evaluation: recorded as finished, rows on disk)."""
+
+    name: str
+    run: Callable[[], None]
+    done: Callable[[], bool] = lambda: False
+    group: str = "clip"
+    needs: tuple[str, ...] = ()  # stages whose outputs this one reads
+
+
+@dataclass
+class Ledger:
+    """``OUT/stages.json``: the finished stages with their wall times (the report's time per stage)."""
+
+    path: Path
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger:
+        return cls(path, read_json(path) if path.is_file() else {})
+
+    def finished(self, name: str) -> bool:
+        return self.entries.get(name, {}).get("status") == "done"
+
+    def record(self, name: str, **info: Any) -> None:
+        """Update one stage's entry; safe when the demo's parallel lanes record at the same time."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.entries = read_json(self.path) if self.path.is_file() else {}
+            self.entries[name] = {**self.entries.get(name, {}), **info}
+            write_json(self.path, self.entries)
+
+
+class Demo:
+    """The demo in ``out`` with ``preset``: builds the stage list and runs what is not finished yet."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        preset: DemoPreset,
+        *,
+        device: str = "cpu",
+        vlm: bool = True,
+        threads: int = 1,
+        log: Any = None,
+    ) -> None:
+        self.out = Path(out)
+        self.wait_for_lanes = False  # a lane's process waits for stages of the other lane it needs
+        self.failed: list[str] = []  # stages that raised in this run (recorded, reported, exit status 1)
+        self.include_vlm = vlm
+        self.threads = threads
+        self.preset = preset
+        self.device = device
+        self.log = log if log is not None else sys.stderr
+        self.world = self.out / "world"
+        self.ledger = Ledger.load(self.out / "stages.json")
+
+    # -- paths ---------------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def final(self, name: str) -> Path:
+        return self.model_dir(name) / "final"
+
+    def results_file(self, task: str, model: str) -> Path:
+        return self.out / "results" / f"{task}-{model}.json"
+
+    # -- the plan --------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        stages = [Stage("world", self._world, lambda: (self.world / "summary.json").is_file())]
+        for name in CLIP_MODELS:
+            needs = ("world", "train clean-clip") if name in ("tecoa", "fare") else ("world",)
+            stages.append(
+                Stage(f"train {name}", self._train_clip_fn(name), self._final_exists(name), needs=needs)
+            )
+        for name in CLIP_MODELS:
+            for task, run in (("zeroshot", self._zeroshot_fn(name)), ("retrieval", self._retrieval_fn(name))):
+                stages.append(
+                    Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
+                )
+        if self.include_vlm and vlm_available():
+            for name, vision in (("clean-llava", "clean-clip"), ("delta2-llava", "delta-clip")):
+                for stage, needs in (("stage1", f"train {vision}"), ("stage2", f"train {name} stage1")):
+                    stages.append(
+                        Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
+                              self._final_exists(f"{name}-{stage}"), "vlm", (needs,))
+                    )  # fmt: skip
+            for name in VLM_MODELS:
+                for task in available_vlm_evals():
+                    run, done = self._vlm_eval_fn(task, name), self._evaluated(task, name)
+                    stages.append(Stage(f"{task} {name}", run, done, "vlm", (f"train {name} stage2",)))
+        return stages
+
+    def _evaluated(self, task: str, model: str) -> Callable[[], bool]:
+        name = f"{task} {model}"
+        return lambda: self.ledger.finished(name) and self.results_file(task, model).is_file()
+
+    def _final_exists(self, name: str) -> Callable[[], bool]:
+        return lambda: (
+            (self.final(name) / "open_clip_config.json").is_file()
+            or (self.final(name).is_dir() and any(self.final(name).iterdir()))
+        )
+
+    def lanes(self) -> list[list[str]]:
+        """Two independent chains of stages after the world: the clean models (and the baselines fine-tuned
+        from the clean CLIP) and the Δ models; ``--jobs 2`` runs them side by side, one core each."""
+        names = [s.name for s in self.stages() if s.name != "world"]
+        # FARE's evaluations go to the Δ lane (they wait for its training if needed): balances the two
+        delta = [n for n in names if n.split()[1] in ("delta-clip", "delta2-llava") or n.endswith(" fare")]
+        delta = [n for n in delta if n != "train fare"]
+        return [[n for n in names if n not in delta], delta]
+
+    def run(self, *, only: Sequence[str] = (), jobs: int = 1, report: bool = True) -> dict[str, Any]:
+        """Run every unfinished stage (or those whose names start with one of ``only``), then the report.
+
+        ``jobs=2`` runs the two :meth:`lanes` in two child processes (``dvd demo --only ...``) after the
+        world is written; each child runs its stages exactly as ``jobs=1`` would.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
+        total = time.perf_counter()
+        if jobs > 1 and not only:
+            self._run_stages(["world"])
+            self._run_lanes()
+        else:
+            self._run_stages(only)
+        if not report:
+            return {}
+        self.ledger = Ledger.load(self.ledger.path)  # the lanes recorded their stages
+        results = self.collect_results()
+        from dvd.demo_report import write_report
+
+        tick = time.perf_counter()
+        report_path = write_report(self, results)
+        self.ledger.record(
+            "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=_now()
+        )
+        self._say(f"[demo] report written to {report_path} ({time.perf_counter() - total:.0f} s this run)")
+        return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
+
+    def _run_lanes(self) -> None:
+        import subprocess
+
+        argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
+                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]  # fmt: skip
+        if not self.include_vlm:
+            argv.append("--no-vlm")
+        children = []
+        try:
+            for lane in self.lanes():
+                if lane:
+                    only = [arg for name in lane for arg in ("--only", name)]
+                    children.append(subprocess.Popen(argv + only))
+            codes = [child.wait() for child in children]
+        except KeyboardInterrupt:
+            for child in children:  # they got the same Ctrl-C; let them record where they stopped
+                child.wait()
+            raise
+        if any(code == 130 for code in codes):
+            raise KeyboardInterrupt
+        self.ledger = Ledger.load(self.ledger.path)
+        self.failed += [n for n, info in self.ledger.entries.items() if info.get("status") == "failed"]
+
+    def _needs_met(self, stage: Stage) -> bool:
+        """Whether the stages ``stage`` reads from are done; a lane waits for the other lane's."""
+        while True:
+            self.ledger = Ledger.load(self.ledger.path)
+            status = {need: self.ledger.entries.get(need, {}).get("status") for need in stage.needs}
+            failed = [need for need, state in status.items() if state == "failed"]
+            if failed:
+                self.ledger.record(stage.name, status="failed", error=f"needs {failed[0]!r}, which failed")
+                self.failed.append(stage.name)
+                self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
+                return False
+            if all(state == "done" for state in status.values()) or not self.wait_for_lanes:
+                return True
+            time.sleep(2)
+
+    def _run_stages(self, only: Sequence[str]) -> None:
+        for stage in self.stages():
+            if only and not any(stage.name.startswith(prefix) for prefix in only):
+                continue
+            if not stage.done() and not self._needs_met(stage):
+                continue
+            if stage.done():
+                if not self.ledger.finished(stage.name):
+                    self.ledger.record(stage.name, status="done", seconds=None, reused=True)
+                self._say(f"[demo] {stage.name}: finished earlier, reused")
+                continue
+            self._say(f"[demo] {stage.name} ...")
+            tick, cpu = time.perf_counter(), time.process_time()
+            self.ledger.record(stage.name, status="running", started=_now())
+            try:
+                stage.run()
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - one broken stage must not lose the others' results
+                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                self.ledger.record(stage.name, status="failed", error=message[:300], finished=_now())
+                self.failed.append(stage.name)
+                self._say(f"[demo] {stage.name}: FAILED ({message}); going on with the other stages")
+                continue
+            seconds = round(time.perf_counter() - tick, 1)
+            cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
+            self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
+                               load=_load(), finished=_now())  # fmt: skip
+            self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
+
+    def collect_results(self) -> Path:
+        """Merge every stage's result rows into ``OUT/results.json`` (the rows of DESIGN.md)."""
+        from dvd.eval.results import read_rows
+
+        rows = []
+        for path in sorted((self.out / "results").glob("*.json")):
+            rows += [r.to_dict() for r in read_rows(path)]
+        path = self.out / "results.json"
+        write_json(path, rows)
+        return path
+
+    def _check_settings(self) -> None:
+        """Refuse to mix the outputs of two presets in one folder."""
+        path = self.out / "demo.json"
+        settings = {"preset": self.preset.fingerprint(), "device": self.device}
+        if path.is_file():
+            earlier = read_json(path)
+            if earlier.get("preset") != settings["preset"]:
+                raise ConfigError(
+                    f"{self.out} holds a demo made with other settings (preset "
+                    f"{earlier.get('preset', {}).get('name')!r}); use another --out or delete that folder"
+                )
+        write_json(path, settings)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.log, flush=True)
+
+    # -- stage bodies -------------------------------------------------------------------------------
+    def _world(self) -> None:
+        from dvd.data import shapesworld
+
+        partial = self.out / "world.partial"  # an interrupted generation is started again from scratch
+        if partial.exists():
+            shutil.rmtree(partial)
+        p = self.preset
+        argv = ["--out", str(partial), "--seed", str(p.seed), "--size", str(p.world_size),
+                "--image-size", str(p.image_size), "--eval-size", str(p.eval_size),
+                "--instruct-size", str(p.instruct_size)]  # fmt: skip
+        _check(shapesworld.cli(argv), "dvd data shapesworld")
+        if self.world.exists():
+            shutil.rmtree(self.world)
+        partial.rename(self.world)
+
+    def clip_config(self, name: str) -> dict[str, Any]:
+        """The ``dvd train clip`` config of one of the demo's CLIPs."""
+        cfg = {**self.preset.clip_common, **self.preset.clip_recipes[name]}
+        if self.preset.clip_model_config is not None:
+            cfg["model"] = str(self.model_config_file())
+        cfg.update(data=str(self.world), output_dir=str(self.model_dir(name)), seed=self.preset.seed,
+                   device=self.device, resume="latest")  # fmt: skip
+        if cfg["recipe"] in ("tecoa", "fare"):
+            cfg["pretrained"] = str(self.final("clean-clip"))
+        return cfg
+
+    def model_config_file(self) -> Path:
+        """The demo's own open_clip model config, written where the stage configs point to it."""
+        path = self.out / "configs" / f"{self.preset.clip_model_name}.json"
+        if not path.is_file():
+            write_json(path, self.preset.clip_model_config)
+        return path
+
+    def _train_clip_fn(self, name: str) -> Callable[[], None]:
+        def run() -> None:
+            from dvd.train import clip
+
+            config = self._write_config(name, self.clip_config(name))
+            _check(clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
+
+        return run
+
+    def _eps(self) -> str:
+        return ",".join(self.preset.eps)
+
+    def _zeroshot_fn(self, name: str) -> Callable[[], None]:
+        def run() -> None:
+            from dvd.eval import zeroshot
+
+            p = self.preset
+            argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
+                    "--eps", self._eps(), "--attack", p.zeroshot_attack, "--steps", str(p.zeroshot_steps),
+                    "--limit", str(p.zeroshot_limit), "--batch-size", "100", "--seed", str(p.seed),
+                    "--device", self.device, "--out", str(self.results_file("zeroshot", name)),
+                    "--no-progress"]  # fmt: skip
+            with _quiet_stdout():
+                _check(zeroshot.cli(argv), f"dvd eval zeroshot ({name})")
+
+        return run
+
+    def _retrieval_fn(self, name: str) -> Callable[[], None]:
+        def run() -> None:
+            from dvd.eval import retrieval
+
+            p = self.preset
+            argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
+                    "--split", "test", "--eps", self._eps(), "--steps", str(p.retrieval_steps),
+                    "--limit", str(p.retrieval_limit), "--batch-size", "100", "--seed", str(p.seed),
+                    "--device", self.device, "--out", str(self.results_file("retrieval", name)),
+                    "--no-progress"]  # fmt: skip
+            with _quiet_stdout():
+                _check(retrieval.cli(argv), f"dvd eval retrieval ({name})")
+
+        return run
+
+    def vlm_config(self, name: str, vision: str, stage: str) -> dict[str, Any]:
+        """The ``dvd train vlm`` config of one stage of one of the demo's VLMs."""
+        cfg = {**self.preset.vlm_common, **self.preset.vlm_stages[stage]}
+        cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
+                   seed=self.preset.seed, device=self.device, resume="latest",
+                   adversarial=name == "delta2-llava")  # fmt: skip
+        if stage == "stage1":
+            cfg["vision"] = str(self.final(vision))
+        else:
+            cfg["init"] = str(self.final(f"{name}-stage1"))
+        if not cfg["adversarial"]:
+            cfg.pop("attack_steps", None)
+            cfg.pop("attack_step_size", None)
+        return cfg
+
+    def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:
+        def run() -> None:
+            vlm = importlib.import_module("dvd.train.vlm")
+            config = self._write_config(f"{name}-{stage}", self.vlm_config(name, vision, stage))
+            _check(vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
+
+        return run
+
+    def vlm_eval_argv(self, task: str, name: str) -> list[str]:
+        """Arguments of ``dvd eval caption | vqa | pope | targeted`` for one of the demo's VLMs."""
+        p = self.preset
+        argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
+                "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
+                "--no-progress"]  # fmt: skip
+        if task in ("caption", "vqa"):
+            argv += ["--eps", self._eps(), "--steps", str(p.vlm_eval_steps), "--limit", str(p.vlm_eval_limit),
+                     "--references", str(p.vlm_references)]  # fmt: skip
+        elif task == "pope":
+            argv += ["--limit", str(p.vlm_eval_limit)]
+        elif task == "targeted":
+            argv += ["--eps", "4/255", "--steps", str(p.targeted_steps), "--limit", str(p.targeted_limit),
+                     "--target", TARGET_CAPTION]  # fmt: skip
+        return argv
+
+    def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:
+        def run() -> None:
+            module = importlib.import_module(VLM_EVALS[task])
+            with _quiet_stdout():
+                _check(module.cli(self.vlm_eval_argv(task, name)), f"dvd eval {task} ({name})")
+
+        return run
+
+    def _write_config(self, name: str, cfg: dict[str, Any]) -> Path:
+        path = self.out / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = (
+            f"# written by dvd demo (preset {self.preset.name}); rerun with: dvd train ... --config {path}\n"
+        )
+        path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+
+VLM_EVALS = {
+    "caption": "dvd.eval.captioning",
+    "vqa": "dvd.eval.vqa",
+    "pope": "dvd.eval.pope",
+    "targeted": "dvd.eval.targeted",
+}
+
+
+def vlm_available() -> bool:
+    """Whether ``dvd train vlm`` is installed (the VLM half of the demo runs only then)."""
+    try:
+        module = importlib.import_module("dvd.train.vlm")
+    except ImportError:
+        return False
+    return callable(getattr(module, "cli", None))
+
+
+def available_vlm_evals() -> list[str]:
+    """The VLM evaluation commands that are installed, in the report's order."""
+    found = []
+    for task, module_name in VLM_EVALS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "cli", None)):
+            found.append(task)
+    return found
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"{what} exited with status {code}; see the messages above")
+
+
+def _load() -> float | None:
+    """The 1-minute load average when the stage ended (how shared the machine was), where known."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """The evaluations print their tables; the demo's report has them all, so keep the console short."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``dvd demo [--out DIR] [--preset quick|full] [--device DEV]``"""
+    parser = argparse.ArgumentParser(
+        prog="dvd demo",
+        description="Train and attack clean CLIP, ΔCLIP, TeCoA, FARE (and clean LLaVA, Δ²LLaVA) on "
+        "ShapesWorld; write report.md, PNG plots and results.json. Re-run to continue an interrupted demo.",
+    )
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--preset", default="quick", help="quick (default, ~15 min on 2 CPU cores) or full")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the tiny models)"
+    )
+    parser.add_argument("--no-vlm", action="store_true", help="skip the LLaVA half (CLIP models only)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="run the clean and the Δ chains side by side (default 2; 1: in turn)",
+    )
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the lanes' children
+    parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", action="append", default=[], help="run only stages starting with this")
+    args = parser.parse_args(list(argv))
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}{suggest(args.preset, PUBLIC_PRESETS)}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    demo = Demo(
+        args.out,
+        PRESETS[args.preset],
+        device=resolve_device(args.device),
+        vlm=not args.no_vlm,
+        threads=args.threads,
+    )
+    demo.wait_for_lanes = args.lane
+    try:
+        summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
+    except KeyboardInterrupt:
+        print(
+            "\n[demo] interrupted; run the same command again to continue where it stopped", file=sys.stderr
+        )
+        return 130
+    if summary:
+        print(json.dumps(summary))
+    if demo.failed:
+        print(
+            f"[demo] stages that failed: {', '.join(demo.failed)}; fix and rerun to finish them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

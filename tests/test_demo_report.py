@@ -1,0 +1,92 @@
+"""The demo's report and the report helpers, on hand-made result rows (no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dvd.demo import PRESETS, Demo
+from dvd.demo_report import headline, write_report
+from dvd.eval.report import average_rows, markdown_table, plot_clean_vs_robust, plot_metric_vs_eps
+
+EPS4 = 4 / 255
+
+
+def row(
+    model: str, dataset: str, eps: float, clean: float, adversarial: float | None, task: str = "zeroshot"
+):
+    return {"model": model, "task": task, "dataset": dataset, "metric": "accuracy", "attack": "apgd-ce",
+            "eps": eps, "steps": 100, "clean": clean, "adversarial": adversarial, "n": 100, "seconds": 1.0,
+            "seed": 0, "flags": [], "versions": {}}  # fmt: skip
+
+
+def rows_for(model: str, clean: float, robust: float) -> list[dict]:
+    return [row(model, f"shapesworld/{t}", EPS4, clean, robust) for t in ("color", "shape")]
+
+
+def test_average_rows_is_the_mean_over_datasets_per_model_and_eps() -> None:
+    rows = [row("a", "x", EPS4, 0.8, 0.2), row("a", "y", EPS4, 0.6, 0.4), row("b", "x", EPS4, 1.0, 0.0)]
+    averaged = {r["model"]: r for r in average_rows(rows, task="zeroshot")}
+    assert averaged["a"]["clean"] == pytest.approx(0.7) and averaged["a"]["adversarial"] == pytest.approx(0.3)
+    assert averaged["a"]["dataset"] == "average" and averaged["a"]["n"] == 200
+    assert averaged["b"]["clean"] == pytest.approx(1.0)
+
+
+def test_average_rows_skips_a_model_missing_a_dataset_at_some_eps() -> None:
+    rows = [row("a", "x", EPS4, 0.8, 0.2), row("a", "y", EPS4, 0.6, 0.4), row("a", "x", 2 / 255, 0.8, 0.5)]
+    assert average_rows(rows, task="zeroshot") == []
+
+
+def test_plots_are_written_as_png_files(tmp_path: Path) -> None:
+    rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", 0.8, 0.6)
+    rows += [row("delta-clip", "shapesworld/color", 2 / 255, 0.8, 0.7)]
+    for path in (
+        plot_clean_vs_robust(
+            average_rows(rows, task="zeroshot"),
+            tmp_path / "bars.png",
+            eps=EPS4,
+            title="t",
+            ylabel="accuracy (%)",
+        ),  # fmt: skip
+        plot_metric_vs_eps(rows, tmp_path / "lines.png", task="zeroshot", title="t", ylabel="accuracy (%)"),
+    ):
+        assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_clean_vs_robust([], tmp_path / "none.png", eps=EPS4, title="t", ylabel="y") is None
+
+
+def test_markdown_table_shows_percent_per_budget() -> None:
+    table = markdown_table(rows_for("delta-clip", 0.8, 0.65))
+    assert "| delta-clip | shapesworld/color | accuracy | apgd-ce | 80.0 | 65.0 |" in table
+
+
+def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
+    rows = rows_for("clean-clip", 0.9, 0.1)
+    rows += [row("clean-clip", f"shapesworld/{t}", 2 / 255, 0.9, 0.5) for t in ("color", "shape")]
+    assert headline(rows) == {"clean-clip": {"clean": pytest.approx(0.9), "adversarial": pytest.approx(0.1),
+                                             "n": 200}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("delta_clean", "delta_robust", "verdict"), [(0.8, 0.6, "holds"), (0.5, 0.6, "does not")]
+)
+def test_report_states_whether_the_delta_clip_target_holds(
+    tmp_path: Path, delta_clean: float, delta_robust: float, verdict: str
+) -> None:
+    demo = Demo(tmp_path, PRESETS["test"], vlm=False)
+    rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, delta_robust)
+    rows += rows_for("tecoa", 0.7, 0.3) + rows_for("fare", 0.8, 0.2)
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "stages.json").write_text(
+        json.dumps(
+            {"train delta-clip": {"status": "done", "seconds": 12.0, "cpu_seconds": 10.0, "load": 1.0}}
+        )
+    )
+    report = write_report(demo, tmp_path / "results.json").read_text()
+    assert f"(≥ +30 pt attacked, ≤ 20 pt clean cost) {verdict}" in report
+    assert "+50.0 pt" in report  # delta-clip 60% vs clean-clip 10% attacked
+    assert "ΔCLIP is 30.0 pt ahead of the best of them (tecoa)" in report
+    assert "| train delta-clip | Δ | 12 | 10 | 1.0 |" in report
+    assert "No example grid" in report  # no trained models in this folder
+    assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
