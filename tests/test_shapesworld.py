@@ -346,3 +346,20 @@ def test_cli_refuses_a_file_or_a_foreign_directory_as_out(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="no ShapesWorld summary.json"):
         cli(["--out", str(tmp_path / "busy"), "--size", "5"])
     assert (tmp_path / "busy" / "notes.md").read_text() == "mine"
+
+
+def test_stage2_presence_questions_are_balanced_between_yes_and_no(tmp_path):
+    """Trained on mostly-"no" presence questions a model always says no; POPE then measures nothing."""
+    import json
+
+    from dvd.data.shapesworld import generate
+
+    generate(tmp_path / "w", seed=3, size=40, image_size=32, eval_size=10, instruct_size=400)
+    answers = []
+    for conversation in json.loads((tmp_path / "w" / "llava" / "stage2_instruct.json").read_text()):
+        turns = conversation["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            if question["value"].replace("<image>\n", "").startswith("Is there a"):
+                answers.append(answer["value"])
+    assert len(answers) > 100
+    assert 0.4 <= answers.count("yes") / len(answers) <= 0.6

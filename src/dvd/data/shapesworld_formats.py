@@ -494,7 +494,9 @@ def llava_sets(
         turns: list[tuple[str, str]] = [
             (question + SHORT_ANSWER, answer) for question, answer, *_ in vqa_questions(scene, rng, spec)
         ]
-        asked = _pick(rng, spec.shapes)
+        # balanced like POPE: half the presence questions ask about a shape that is there
+        absent = [x for x in spec.shapes if x not in scene.present_shapes]
+        asked = _pick(rng, scene.present_shapes) if rng.random() < 0.5 else _pick(rng, absent)
         turns.append(
             (
                 f"Is there a {asked} in the image?" + SHORT_ANSWER,
