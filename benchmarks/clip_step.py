@@ -28,7 +28,8 @@ import torch
 from dvd.attacks.gradients import frozen_parameters, value_and_grad
 from dvd.attacks.objectives import clip_contrastive
 from dvd.models.clip import create_clip
-from dvd.train.clip import AttackSettings, ContrastiveLoss, ContrastiveStep, Phase, PixelEncoder, Resolution
+from dvd.train.attack import AttackSettings
+from dvd.train.clip import ContrastiveLoss, ContrastiveStep, Phase, PixelEncoder, Resolution
 from dvd.train.loop import DistEnv, StepInfo
 
 EPS = 4 / 255

@@ -31,7 +31,7 @@ import torch
 
 from dvd.data.shapesworld import generate
 from dvd.models.vlm import create_vlm
-from dvd.train.clip import AttackSettings
+from dvd.train.attack import AttackSettings
 from dvd.train.loop import DistEnv, StepInfo, autocast, resolve_precision
 from dvd.train.vlm_data import build_conversations, resolve_source, shapesworld_tokenizer
 from dvd.train.vlm_model import TINY_LLAMA

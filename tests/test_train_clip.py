@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from dvd.config import ConfigError, load_config
 from dvd.models.clip import load_clip
+from dvd.train.attack import AttackSettings
 from dvd.train.clip import (
-    AttackSettings,
     ClipTrainConfig,
     ContrastiveLoss,
     ContrastiveStep,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dvd.cli import main as dvd_main
 from dvd.config import ConfigError, load_config
 from dvd.models.vlm import DvdVLM, load_vlm
-from dvd.train.clip import AttackSettings
+from dvd.train.attack import AttackSettings
 from dvd.train.loop import StepInfo
 from dvd.train.vlm import VlmTrainConfig, check_config, train_vlm
 from dvd.train.vlm_data import build_conversations, resolve_source

@@ -53,10 +53,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dvd.attacks.objectives import clip_contrastive, cross_entropy, embedding_distance
-from dvd.attacks.pgd import pgd
 from dvd.config import ConfigError, parse_eps, positive_int, suggest, to_dict
 from dvd.io import versions, write_json
 from dvd.models.clip import CONFIG_NAME, DVD_NAME, WEIGHTS_NAME, DvdCLIP, create_clip
+from dvd.train.attack import AttackSettings, run_pgd
 from dvd.train.clip_data import build_dataset, check_shard_count, detect_format, make_loader_factory
 from dvd.train.command import training_cli
 from dvd.train.loop import (
@@ -70,7 +70,6 @@ from dvd.train.loop import (
     StepInfo,
     TrainingDiverged,
     barrier,
-    derived_seed,
     fit,
     full_model_state,
     gathered,
@@ -364,64 +363,6 @@ class ZeroShotHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# the attack
-
-
-@dataclass
-class AttackSettings:
-    """PGD of the training recipes: L-inf ``eps`` (warmed up linearly), step size, random start."""
-
-    eps: float
-    step_size: float | None
-    random_start: bool
-    warmup_steps: int
-    train_mode: bool
-    seed: int
-    default_step_rule: str = "delta"  # delta: 2.5 eps / max(K, 2); fixed: 1/255 (TeCoA / FARE)
-
-    def eps_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.eps * (step + 1) / self.warmup_steps
-        return self.eps
-
-    def step_size_for(self, eps: float, steps: int) -> float:
-        if self.step_size is not None:
-            return self.step_size
-        if self.default_step_rule == "fixed":
-            return 1 / 255
-        return 2.5 * eps / max(steps, 2)  # K=1: 1.25 eps from a random start (fast adversarial training)
-
-    def generator(self, device: torch.device, rank: int, info: StepInfo) -> torch.Generator:
-        """A per-(rank, step, micro-batch) generator: attack noise never touches the global RNG."""
-        return torch.Generator(device=device).manual_seed(
-            derived_seed(self.seed, rank, info.step, info.micro)
-        )
-
-
-def run_pgd(
-    objective: Any,
-    images: torch.Tensor,
-    *,
-    clip: nn.Module,
-    settings: AttackSettings,
-    steps: int,
-    rank: int,
-    info: StepInfo,
-) -> torch.Tensor:
-    """PGD-``steps`` on ``images`` with the model in the recipe's attack mode; returns detached images."""
-    eps = settings.eps_at(info.step)
-    if steps == 0 or eps == 0:
-        return images
-    with module_mode(clip, settings.train_mode):
-        adversarial = pgd(
-            objective, images.detach().float(), eps=eps, steps=steps,
-            step_size=settings.step_size_for(eps, steps),
-            random_start=settings.random_start, generator=settings.generator(images.device, rank, info),
-        )  # fmt: skip
-    return adversarial.detach()
-
-
-# ---------------------------------------------------------------------------------------------
 # what DDP wraps
 
 
@@ -541,7 +482,7 @@ class ContrastiveLoss:
         return run_pgd(
             objective,
             images,
-            clip=self.clip,
+            model=self.clip,
             settings=self.attack,
             steps=steps,
             rank=self.env.rank,
@@ -586,7 +527,7 @@ class TecoaLoss:
             return run_pgd(
                 cross_entropy(self.head, labels),
                 x,
-                clip=self.clip,
+                model=self.clip,
                 settings=self.attack,
                 steps=steps,
                 rank=self.env.rank,
@@ -642,7 +583,7 @@ class FareLoss:
             return run_pgd(
                 embedding_distance(self.encoder, target),
                 x,
-                clip=self.clip,
+                model=self.clip,
                 settings=self.attack,
                 steps=steps,
                 rank=self.env.rank,

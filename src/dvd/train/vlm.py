@@ -31,7 +31,7 @@ from dvd.config import ConfigError, parse_eps, positive_int, to_dict
 from dvd.io import versions, write_json
 from dvd.models.vlm import save_vlm
 from dvd.models.vlm_conversation import get_template
-from dvd.train.clip import AttackSettings
+from dvd.train.attack import AttackSettings
 from dvd.train.clip_data import make_loader_factory
 from dvd.train.command import training_cli
 from dvd.train.loop import (

@@ -21,7 +21,7 @@ from dvd.attacks.objectives import lm_nll
 from dvd.config import ConfigError
 from dvd.models.vlm_base import VisionLanguageModel
 from dvd.models.vlm_conversation import VLMBatch
-from dvd.train.clip import AttackSettings, run_pgd
+from dvd.train.attack import AttackSettings, run_pgd
 from dvd.train.loop import DistEnv, StepInfo, gathered
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class InstructionLoss:
             return images
         objective = lm_nll(self.objective_model, batch=batch_fields(batch))
         return run_pgd(
-            objective, images, clip=self.vlm, settings=self.attack, steps=self.attack_steps,
+            objective, images, model=self.vlm, settings=self.attack, steps=self.attack_steps,
             rank=self.env.rank, info=info,
         )  # fmt: skip
 
