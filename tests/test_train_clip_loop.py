@@ -22,9 +22,11 @@ from dvd.train.loop import (
     StepInfo,
     TrainingDiverged,
     fit,
+    load_safetensors,
     load_trusted_state,
     restore,
     rng_state,
+    save_safetensors,
     set_rng_state,
 )
 
@@ -151,6 +153,17 @@ def test_nan_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDiverged, match="refusing to save step 3: non-finite weights in weight"):
         save_step(manager, 3, model, optimizer)
     assert manager.latest() is None and not any(tmp_path.glob("step-*"))
+
+
+def test_tied_weights_are_saved_as_copies_and_read_back_equal(tmp_path):
+    embedding = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = embedding.weight  # tied, as GPT-2's token embedding and LM head
+    state = {"embed.weight": embedding.weight, "head.weight": head.weight}
+    save_safetensors(state, tmp_path)
+    loaded = load_safetensors(tmp_path)
+    assert torch.equal(loaded["embed.weight"], embedding.weight.detach())
+    assert torch.equal(loaded["head.weight"], embedding.weight.detach())
 
 
 def test_train_state_is_weights_only_loadable_and_a_pickled_object_is_refused(tmp_path):

@@ -501,10 +501,21 @@ def _batch_size(batch: Any) -> int:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], directory: Path) -> None:
-    """Default weight writer: ``model.safetensors`` holding ``state``."""
+    """Default weight writer: ``model.safetensors`` holding ``state``.
+
+    Tied weights (GPT-2's embedding and head, any tensors sharing storage) are written as separate
+    copies: safetensors refuses tensors that share memory, and loading re-ties them.
+    """
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS))
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        pointer = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    save_file(tensors, str(directory / WEIGHTS))
 
 
 def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:

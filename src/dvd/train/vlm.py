@@ -51,7 +51,6 @@ from dvd.train.loop import (
     non_finite_tensors,
     resolve_precision,
     restore,
-    save_safetensors,
     seed_everything,
     setup_distributed,
     teardown_distributed,
@@ -244,7 +243,6 @@ def _train(cfg: VlmTrainConfig, env: DistEnv) -> dict[str, Any]:
         out / "checkpoints", env, keep_last=cfg.keep_last, config=to_dict(cfg),
         fingerprint={"stage": cfg.stage, "adversarial": cfg.adversarial, "lora": cfg.lora,
                      "vocab_size": len(vlm.tokenizer), "steps": steps},
-        save_weights=save_untied,
     )  # fmt: skip
     start = 0
     resume_from = checkpoints.resolve(cfg.resume)
@@ -297,18 +295,6 @@ def epoch_steps(samples: int, cfg: VlmTrainConfig, env: DistEnv) -> int:
             "process(es); lower batch_size or add data"
         )
     return max(1, int(cfg.epochs * batches / cfg.accum_steps))
-
-
-def save_untied(state: dict[str, torch.Tensor], directory: Path) -> None:
-    """:func:`dvd.train.loop.save_safetensors` for LMs with tied weights (GPT-2's embedding and head):
-    safetensors refuses tensors sharing memory, so each key after the first gets its own copy."""
-    seen: set[int] = set()
-    untied = {}
-    for key, value in state.items():
-        pointer = value.untyped_storage().data_ptr()
-        untied[key] = value.clone() if pointer in seen else value
-        seen.add(pointer)
-    save_safetensors(untied, directory)
 
 
 def export_final(
