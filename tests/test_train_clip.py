@@ -4,6 +4,7 @@ checkpoints load in plain open_clip, and bad settings are one clear error."""
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 
 import open_clip
@@ -230,6 +231,35 @@ def test_eps_warms_up_linearly_and_step_size_follows_the_documented_rule():
 
 def _cfg(*overrides: str) -> ClipTrainConfig:
     return load_config(ClipTrainConfig, None, ["data=somewhere", *overrides])
+
+
+def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_them(world):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from dvd.models.clip import create_clip
+    from dvd.train.clip_data import build_dataset, shapesworld_shards
+
+    clip = create_clip("dvd-tiny-vit")
+    with tarfile.open(shapesworld_shards(world)[0]) as tar:
+        stored = {
+            Path(m.name).stem: np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+            for m in tar.getmembers()
+            if m.name.endswith(".png")
+        }
+    as_tensor = [torch.tensor(a).permute(2, 0, 1).float().div(255) for a in stored.values()]
+    stored_images = {t.numpy().tobytes() for t in as_tensor}
+    for augment in (False, True):
+        cfg = load_config(ClipTrainConfig, None, [f"data={world}", "recipe=clean", "shuffle_buffer=0",
+                                                  f"augment={str(augment).lower()}"])  # fmt: skip
+        dataset, _, _ = build_dataset(cfg, clip)
+        images = [image for image, _ in itertools.islice(iter(dataset), 8)]
+        exact = [image.numpy().tobytes() in stored_images for image in images]
+        # random crops resample most images (a crop of the whole image can come out unchanged)
+        assert all(exact) if not augment else sum(exact) <= len(exact) // 2, (augment, exact)
 
 
 def test_unknown_recipe_is_an_error_with_a_suggestion():

@@ -69,6 +69,7 @@ from dvd.train.loop import (
     NonFiniteGuard,
     StepInfo,
     TrainingDiverged,
+    adamw,
     barrier,
     fit,
     full_model_state,
@@ -104,6 +105,7 @@ class ClipTrainConfig:
     data_format: str = "auto"
     resampled: bool = False
     shuffle_buffer: int = 1000
+    augment: bool = True  # open_clip's RandomResizedCrop(scale 0.9-1); false: images as they are, resized
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
@@ -842,7 +844,8 @@ def _train(cfg: ClipTrainConfig, env: DistEnv) -> dict[str, Any]:
             local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
         )  # fmt: skip
 
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
+        model,
         parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),

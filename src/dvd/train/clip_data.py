@@ -158,7 +158,7 @@ def build_dataset(
     from dvd.data.transforms import image_transform
 
     kind = detect_format(cfg)
-    transform = image_transform(clip.image_size, train=True)
+    transform = image_transform(clip.image_size, train=cfg.augment)
     shuffle = cfg.shuffle_buffer
     info: dict[str, Any] = {"format": kind}
     if cfg.recipe == "tecoa":

@@ -193,6 +193,16 @@ def is_fsdp(model: nn.Module) -> bool:
 # precision, parameters
 
 
+def adamw(model: nn.Module, groups: Any, **options: Any) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused into one kernel per step where PyTorch has one (CPU and CUDA
+    parameters; not FSDP's sharded ones): on CPU ~10x faster than the per-tensor loop for a tiny
+    CLIP's many small tensors and its 49k-token embedding."""
+    devices = {p.device.type for p in model.parameters()}
+    fused = not is_fsdp(model) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, fused=fused or None, **options)
+
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on CUDA and fp32 on CPU; fp16/bf16 autocast need CUDA."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):

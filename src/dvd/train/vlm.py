@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from dvd.config import ConfigError, parse_eps, positive_int, to_dict
@@ -43,6 +42,7 @@ from dvd.train.loop import (
     MetricLogger,
     NonFiniteGuard,
     TrainingDiverged,
+    adamw,
     barrier,
     fit,
     full_model_state,
@@ -224,8 +224,8 @@ def _train(cfg: VlmTrainConfig, env: DistEnv) -> dict[str, Any]:
         loss_scale=cfg.attack_loss_scale,
     )  # fmt: skip
     lrs = {"lm": cfg.lr, "projector": cfg.projector_lr or cfg.lr, "vision": cfg.vision_lr or cfg.lr}
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(vlm, lrs=lrs, weight_decay=cfg.weight_decay),
+    optimizer = adamw(
+        model, optimizer_groups(vlm, lrs=lrs, weight_decay=cfg.weight_decay),
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )  # fmt: skip
     schedule = CosineSchedule(
