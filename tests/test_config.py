@@ -78,6 +78,18 @@ def test_config_from_yaml_then_overrides(tmp_path: Path):
     assert cfg.eps == pytest.approx([1 / 255, 2 / 255])
 
 
+def test_yaml_values_read_as_strings_get_the_fields_type(tmp_path: Path):
+    # YAML 1.1 reads 5e-6 (no dot) and 4/255 as strings; a str lr would only fail deep inside training
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 5e-6\nsteps: '12'\neps: 4/255\nname: 1e-3\namp: 'on'\n")
+    cfg = load_config(_Recipe, path)
+    assert cfg.lr == 5e-6 and cfg.steps == 12 and cfg.eps == pytest.approx([4 / 255]) and cfg.amp is True
+    assert cfg.name == "1e-3"  # a str field keeps the text
+    path.write_text("steps: lots\n")
+    with pytest.raises(ConfigError, match="steps='lots': expected an int"):
+        load_config(_Recipe, path)
+
+
 def test_unknown_config_key_suggests_the_close_one(tmp_path: Path):
     with pytest.raises(ConfigError, match="did you mean 'steps'"):
         load_config(_Recipe, None, ["stepz=3"])

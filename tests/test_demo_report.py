@@ -90,3 +90,17 @@ def test_report_states_whether_the_delta_clip_target_holds(
     assert "| train delta-clip | Δ | 12 | 10 | 1.0 |" in report
     assert "No example grid" in report  # no trained models in this folder
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
+
+
+def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why() -> None:
+    from dvd.demo_report import _pope_notes
+
+    def pope(model: str, yes_ratio: float) -> list[dict]:
+        splits = ("random", "popular", "adversarial")
+        return [{**row(model, f"shapesworld/pope_{s}", 0.0, yes_ratio, None, "pope"), "metric": "yes_ratio"}
+                for s in splits]  # fmt: skip
+
+    rows = pope("clean-llava", 0.0) + pope("delta2-llava", 0.48) + rows_for("clean-clip", 0.14, 0.05)
+    (note,) = _pope_notes(rows)
+    assert 'clean-llava answers "no"' in note and "clean-clip's zero-shot shape accuracy 14.0%" in note
+    assert _pope_notes(pope("delta2-llava", 1.0))[0].startswith('- **delta2-llava answers "yes"')

@@ -51,6 +51,19 @@ def test_apgd_on_the_answer_nll_stays_inside_the_eps_ball_and_the_image_box():
     )
 
 
+def test_only_a_targeted_objective_reports_success_and_an_answer_the_model_would_go_on_from_is_not_one():
+    model = tiny_dvd_vlm().requires_grad_(False)
+    x = saturated_images(3)
+    prompts = ["Describe the image."] * 3
+    # greedy words cut off at 3 tokens: the labels end with the stop token, which the model would not write
+    cut = model.generate(x, prompts, max_new_tokens=3)
+    assert va.answer_objective(model, prompts, cut)(x).success is None  # untargeted: no success notion
+    success = va.answer_objective(model, prompts, cut, targeted=True)(x).success
+    assert success.dtype == torch.bool and success.shape == (3,) and not success.any()
+    out = model(x, model.collator().pairs(prompts, cut))
+    assert not out.answer_is_greedy.any()
+
+
 def test_a_perturbation_outside_the_ball_or_the_box_is_refused():
     x = torch.full((1, 3, 4, 4), 0.5)
     va.check_in_ball(x + 2 / 255, x, 2 / 255)

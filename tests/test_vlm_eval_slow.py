@@ -75,3 +75,16 @@ def test_caption_attack_at_4_over_255_drives_cider_far_below_clean(tmp_path: Pat
     assert row.n == 32
     assert row.clean > 0.3  # the model learned to caption (measured: 0.64)
     assert row.adversarial < 0.5 * row.clean  # measured: 0.20 with 20 APGD steps
+    # a targeted attack's success flag is exact: greedy decoding writes the answer, stop token included
+    from dvd.eval.vlm_attack import answer_objective
+
+    images = torch.stack([data[i]["image"] for i in range(8)])
+    written = model.generate(images, [PROMPT] * 8, max_new_tokens=40)
+    own = answer_objective(model, [PROMPT] * 8, written, targeted=True)(images).success
+    assert own.all()
+    others = written[1:] + written[:1]
+    shifted = answer_objective(model, [PROMPT] * 8, others, targeted=True)(images).success
+    truncated = [" ".join(w.split()[:-1]) for w in written]  # the model would go on writing
+    cut = answer_objective(model, [PROMPT] * 8, truncated, targeted=True)(images).success
+    same = torch.tensor([a == b for a, b in zip(written, others, strict=True)])
+    assert not cut.any() and torch.equal(shifted, same)

@@ -103,7 +103,8 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
         try:
             return annotation(float(Fraction(text))) if annotation is float else int(text)
         except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{key}={text!r}: expected a {annotation.__name__}") from None
+            kind = "an int" if annotation is int else "a number"
+            raise ConfigError(f"{key}={text!r}: expected {kind}") from None
     if annotation is str:
         return text
     if origin in (list, tuple):
@@ -121,6 +122,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     Unknown keys are errors with the closest valid name suggested, never silently ignored.
     """
     values: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -133,11 +135,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
             kind = type(loaded).__name__
             raise ConfigError(f"config file {path} must hold a mapping of key: value, not a {kind}")
         values.update(loaded)
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
+    for key, value in values.items():
         if key not in names:
             raise ConfigError(f"unknown config key {key!r} in {path}{suggest(key, names)}")
+        if isinstance(value, str):  # YAML reads `lr: 5e-6` and `eps: 4/255` as strings
+            values[key] = _coerce(value, hints[key], key)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value, e.g. steps=100")

@@ -40,6 +40,7 @@ from dvd.io import read_json, write_json
 
 CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
 VLM_MODELS = ("clean-llava", "delta2-llava")
+VISION_TOWER = {"clean-llava": "clean-clip", "delta2-llava": "delta-clip"}  # the CLIP each VLM is built on
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
 
@@ -92,6 +93,7 @@ _CLIP_COMMON = {
     "log_every": 20,
     "eval_every": 0,
     "progress": False,
+    "augment": False,  # 32 px: a random resized crop blurs the shapes and can cut objects (count) off
 }
 _VLM_COMMON = {
     "tokenizer": "shapesworld",
@@ -112,8 +114,8 @@ def _finetune(recipe: str, steps: int, attack_steps: int, step_size: str, **extr
 
 
 PRESETS: dict[str, DemoPreset] = {
-    # calibrated on a shared 2-core CPU (benchmarks/README.md, "ΔCLIP vs clean CLIP, TeCoA, FARE on
-    # ShapesWorld"): 32 px, 2-layer towers, 600 steps of batch 64 at lr 2e-3; ΔCLIP with PGD-1 (step 1.25 eps)
+    # calibrated on a 2-core CPU (benchmarks/README.md, "ΔCLIP vs clean CLIP, TeCoA, FARE on ShapesWorld"):
+    # 32 px, 2-layer towers, 1200 steps of batch 64 at lr 2e-3 without crops; ΔCLIP with PGD-1 (step 1.25 eps)
     "quick": DemoPreset(
         name="quick",
         world_size=20000,
@@ -123,20 +125,20 @@ PRESETS: dict[str, DemoPreset] = {
         clip_recipes={
             "clean-clip": {
                 "recipe": "clean",
-                "steps": 600,
+                "steps": 1200,
                 "lr": 2e-3,
                 "warmup_steps": 30,
-                "checkpoint_every": 200,
+                "checkpoint_every": 300,
             },
             "delta-clip": {
                 "recipe": "delta",
-                "steps": 600,
+                "steps": 1200,
                 "lr": 2e-3,
                 "warmup_steps": 30,
                 "eps": "4/255",
                 "attack_steps": 1,
                 "eps_warmup_steps": 60,
-                "checkpoint_every": 200,
+                "checkpoint_every": 300,
             },
             "tecoa": _finetune("tecoa", 150, 3, "2/255", task="shape"),
             "fare": _finetune("fare", 150, 3, "2/255"),
@@ -165,8 +167,8 @@ PRESETS: dict[str, DemoPreset] = {
                 **_VLM_STAGE2,
             },
         },  # fmt: skip
-        vlm_eval_limit=20,
-        vlm_eval_steps=20,
+        vlm_eval_limit=25,
+        vlm_eval_steps=40,
         vlm_references=2,
         targeted_limit=5,
         targeted_steps=100,
@@ -369,7 +371,7 @@ class Demo:
                     Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
                 )
         if self.include_vlm and vlm_available():
-            for name, vision in (("clean-llava", "clean-clip"), ("delta2-llava", "delta-clip")):
+            for name, vision in VISION_TOWER.items():
                 for stage, needs in (("stage1", f"train {vision}"), ("stage2", f"train {name} stage1")):
                     stages.append(
                         Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
@@ -395,9 +397,7 @@ class Demo:
         """Two independent chains of stages after the world: the clean models (and the baselines fine-tuned
         from the clean CLIP) and the Δ models; ``--jobs 2`` runs them side by side, one core each."""
         names = [s.name for s in self.stages() if s.name != "world"]
-        # FARE's evaluations go to the Δ lane (they wait for its training if needed): balances the two
-        delta = [n for n in names if n.split()[1] in ("delta-clip", "delta2-llava") or n.endswith(" fare")]
-        delta = [n for n in delta if n != "train fare"]
+        delta = [n for n in names if n.split()[1] in ("delta-clip", "delta2-llava")]
         return [[n for n in names if n not in delta], delta]
 
     def run(self, *, only: Sequence[str] = (), jobs: int = 1, report: bool = True) -> dict[str, Any]:

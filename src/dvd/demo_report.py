@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -352,7 +352,35 @@ def _vlm_section(demo: Demo, rows: Sequence[Row], plots: dict[str, Path]) -> str
             lines.append(markdown_table(_ordered(sel)) + "\n")
             if task in plots:
                 lines.append(f"![{task} vs eps]({_rel(plots[task], demo.out)})\n")
+            if task == "pope":
+                lines.extend(_pope_notes(rows))
     return "\n".join(lines)
+
+
+def _pope_notes(rows: Sequence[Row]) -> list[str]:
+    """A line for each VLM whose POPE answers are (nearly) all one word: its F1 measures nothing."""
+    from dvd.demo import VISION_TOWER
+
+    def select(model: str, task: str, pick: Callable[[Row], bool]) -> list[Row]:
+        return [r for r in rows if r["model"] == model and r["task"] == task and pick(r)]
+
+    notes = []
+    for name, tower in VISION_TOWER.items():
+        ratios = [r["clean"] for r in select(name, "pope", lambda r: r["metric"] == "yes_ratio")]
+        if not ratios or 0.05 < max(ratios) and min(ratios) < 0.95:
+            continue
+        word = "no" if max(ratios) <= 0.05 else "yes"
+        shape = select(tower, "zeroshot", lambda r: r["dataset"].endswith("/shape"))
+        seen = ""
+        if shape:
+            seen = f" ({tower}'s zero-shot shape accuracy {_pct(shape[0]['clean'])}%, chance 12.5%)"
+        notes.append(
+            f"- **{name} answers \"{word}\" to (nearly) every presence question** (yes-ratio "
+            f"{_pct(min(ratios))}–{_pct(max(ratios))}%): POPE asks which shapes are in the image, and its "
+            f"vision tower does not tell the shapes apart{seen}. Its F1 says nothing about hallucination "
+            "at this scale.\n"
+        )
+    return notes
 
 
 def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:

@@ -55,19 +55,28 @@ def resolve_precision(precision: str | None, device: torch.device | str) -> str 
 
 class AnswerNLL:
     """``fn(images, batch)`` for :func:`dvd.attacks.lm_nll`: the model's per-sample NLL of the answers in
-    ``batch`` (a dict of :class:`VLMBatch` fields, so the attack can slice it), optionally under autocast."""
+    ``batch`` (a dict of :class:`VLMBatch` fields, so the attack can slice it), optionally under autocast.
 
-    def __init__(self, model: VisionLanguageModel, precision: str | None = None) -> None:
+    ``greedy_success``: also return, per sample, whether greedy decoding would now write the answer
+    exactly (a targeted attack's success, so APGD stops attacking the samples it has won)."""
+
+    def __init__(
+        self, model: VisionLanguageModel, precision: str | None = None, *, greedy_success: bool = False
+    ) -> None:
         self.__wrapped__ = model  # lets the attack find (and freeze) the model's parameters
         self.model = model
         self.dtype = None if precision is None else DTYPES[precision]
+        self.greedy_success = greedy_success
 
-    def __call__(self, images: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    def __call__(self, images: Tensor, batch: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         tokens = VLMBatch(**batch).to(images.device)
         if self.dtype is None:
-            return self.model.per_sample_nll(images, tokens)
-        with torch.autocast(device_type=images.device.type, dtype=self.dtype):
-            return self.model.per_sample_nll(images, tokens).float()
+            out = self.model(images, tokens)
+        else:
+            with torch.autocast(device_type=images.device.type, dtype=self.dtype):
+                out = self.model(images, tokens)
+        nll = out.per_sample_nll.float()
+        return (nll, out.answer_is_greedy) if self.greedy_success else nll
 
 
 def answer_objective(
@@ -83,7 +92,7 @@ def answer_objective(
 
     batch = model.collator().pairs(list(prompts), list(answers))
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return lm_nll(AnswerNLL(model, precision), batch=fields, targeted=targeted)
+    return lm_nll(AnswerNLL(model, precision, greedy_success=targeted), batch=fields, targeted=targeted)
 
 
 def check_in_ball(adversarial: Tensor, images: Tensor, eps: float) -> None:

@@ -43,11 +43,14 @@ def set_hf_checkpointing(model: nn.Module, enable: bool) -> None:
 class VLMOutput:
     """``loss``: mean NLL over all answer tokens of the batch (LLaVA's training loss);
     ``per_sample_nll``: (B,) mean over each sample's answer tokens (0 where it has none);
-    ``n_tokens``: (B,) answer-token counts."""
+    ``n_tokens``: (B,) answer-token counts;
+    ``answer_is_greedy``: (B,) bool, every answer token (the closing stop token included) is the most
+    likely next token given the ones before it: greedy decoding would write exactly this answer."""
 
     loss: torch.Tensor
     per_sample_nll: torch.Tensor
     n_tokens: torch.Tensor
+    answer_is_greedy: torch.Tensor
 
 
 class VisionLanguageModel(nn.Module):
@@ -148,11 +151,15 @@ class VisionLanguageModel(nn.Module):
             0, rows, token_nll
         )
         n_tokens = mask.sum(1)
+        wrong = (logits[:, :-1].argmax(-1) != targets) & mask
+        answer_is_greedy = (n_tokens > 0) & ~wrong.any(1)
         # 0 * logits keeps the graph connected (DDP, attacks) when a batch has no answer tokens
         anchor = logits.sum() * 0.0 if token_nll.numel() == 0 else 0.0
         per_sample = sums / n_tokens.clamp(min=1) + anchor
         loss = token_nll.sum() / n_tokens.sum().clamp(min=1) + anchor
-        return VLMOutput(loss=loss, per_sample_nll=per_sample, n_tokens=n_tokens)
+        return VLMOutput(
+            loss=loss, per_sample_nll=per_sample, n_tokens=n_tokens, answer_is_greedy=answer_is_greedy
+        )
 
     def per_sample_nll(self, images: torch.Tensor, batch: VLMBatch) -> torch.Tensor:
         """(B,) mean answer-token NLL; attack objective is ``lambda x: model.per_sample_nll(x, batch)``."""
