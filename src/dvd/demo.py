@@ -74,6 +74,7 @@ class DemoPreset:
     vlm_common: dict[str, Any] = field(default_factory=dict)
     vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     vlm_eval_limit: int = 20
+    vlm_eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
     vlm_references: int = 5  # reference captions / answers each caption / VQA attack is run against
     vlm_eval_steps: int = 20
     targeted_limit: int = 5
@@ -103,7 +104,8 @@ _VLM_COMMON = {
     "log_every": 20,
     "progress": False,
 }
-_VLM_STAGE2 = {"train_vision": True, "vision_lr": 2e-4, "projector_lr": 1e-3, "warmup_steps": 20}
+# the paper's stage 2: vision tower unfrozen at 1/200 of the LM's lr (1e-6 vs 2e-4)
+_VLM_STAGE2 = {"train_vision": True, "vision_lr": 5e-6, "projector_lr": 1e-3, "warmup_steps": 20}
 
 
 def _finetune(recipe: str, steps: int, attack_steps: int, step_size: str, **extra: Any) -> dict[str, Any]:
@@ -146,7 +148,7 @@ PRESETS: dict[str, DemoPreset] = {
         eps=("2/255", "4/255"),
         zeroshot_limit=100,
         retrieval_steps=100,
-        retrieval_limit=100,
+        retrieval_limit=50,
         vlm_common=_VLM_COMMON,
         vlm_stages={
             "stage1": {
@@ -159,16 +161,17 @@ PRESETS: dict[str, DemoPreset] = {
             },
             "stage2": {
                 "stage": 2,
-                "steps": 200,
+                "steps": 400,
                 "lr": 1e-3,
-                "checkpoint_every": 50,
+                "checkpoint_every": 100,
                 "attack_steps": 2,
                 "attack_step_size": "3/255",
                 **_VLM_STAGE2,
             },
         },  # fmt: skip
-        vlm_eval_limit=25,
+        vlm_eval_limit=50,
         vlm_eval_steps=40,
+        vlm_eps=("4/255",),
         vlm_references=2,
         targeted_limit=5,
         targeted_steps=100,
@@ -629,7 +632,8 @@ class Demo:
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
                 "--no-progress"]  # fmt: skip
         if task in ("caption", "vqa"):
-            argv += ["--eps", self._eps(), "--steps", str(p.vlm_eval_steps), "--limit", str(p.vlm_eval_limit),
+            argv += ["--eps", ",".join(p.vlm_eps or p.eps), "--steps", str(p.vlm_eval_steps),
+                     "--limit", str(p.vlm_eval_limit),
                      "--references", str(p.vlm_references)]  # fmt: skip
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval_limit)]
