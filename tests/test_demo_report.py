@@ -103,4 +103,5 @@ def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why(
     rows = pope("clean-llava", 0.0) + pope("delta2-llava", 0.48) + rows_for("clean-clip", 0.14, 0.05)
     (note,) = _pope_notes(rows)
     assert 'clean-llava answers "no"' in note and "clean-clip's zero-shot shape accuracy 14.0%" in note
-    assert _pope_notes(pope("delta2-llava", 1.0))[0].startswith('- **delta2-llava answers "yes"')
+    (note,) = _pope_notes(pope("delta2-llava", 1.0))
+    assert note.startswith('- **delta2-llava answers "yes"') and "(yes-ratio 100.0%)" in note

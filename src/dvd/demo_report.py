@@ -374,13 +374,14 @@ def _pope_notes(rows: Sequence[Row]) -> list[str]:
         seen = ""
         if shape:
             seen = f" ({tower}'s zero-shot shape accuracy {_pct(shape[0]['clean'])}%, chance 12.5%)"
+        low, high = _pct(min(ratios)), _pct(max(ratios))
+        spread = low if low == high else f"{low}–{high}"
         notes.append(
-            f"- **{name} answers \"{word}\" to (nearly) every presence question** (yes-ratio "
-            f"{_pct(min(ratios))}–{_pct(max(ratios))}%): POPE asks which shapes are in the image, and its "
-            f"vision tower does not tell the shapes apart{seen}. Its F1 says nothing about hallucination "
-            "at this scale.\n"
+            f"- **{name} answers \"{word}\" to (nearly) every presence question** (yes-ratio {spread}%): "
+            f"POPE asks which shapes are in the image, and its vision tower does not tell the shapes "
+            f"apart{seen}. Its F1 says nothing about hallucination at this scale."
         )
-    return notes
+    return ["\n".join(notes) + "\n"] if notes else []
 
 
 def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:
