@@ -3,7 +3,8 @@
 One process, one model, one batch. Measured (median seconds per optimizer step, variants interleaved
 round-robin so that machine noise hits all of them alike):
 
-- ``clean``     open_clip contrastive step: both towers forward with grad, backward, AdamW step.
+- ``clean``     open_clip contrastive step: both towers forward with grad, backward, AdamW step (fused, as the
+                trainers).
 - ``delta_kK``  dvd's ΔCLIP step (``dvd.train.clip.ContrastiveLoss``) with PGD-K: texts encoded once,
                 K x (image-tower forward + input backward) with frozen parameters, then the clean step on
                 the adversarial images.
@@ -30,7 +31,7 @@ from dvd.attacks.objectives import clip_contrastive
 from dvd.models.clip import create_clip
 from dvd.train.attack import AttackSettings
 from dvd.train.clip import ContrastiveLoss, ContrastiveStep, Phase, PixelEncoder, Resolution
-from dvd.train.loop import DistEnv, StepInfo
+from dvd.train.loop import DistEnv, StepInfo, adamw
 
 EPS = 4 / 255
 
@@ -39,7 +40,7 @@ def build(model_name: str, batch: int, seed: int = 0):
     torch.manual_seed(seed)
     clip = create_clip(model_name)
     step = ContrastiveStep(clip).train()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-5)
+    optimizer = adamw(clip, clip.parameters(), lr=1e-5)  # the trainers' optimizer (fused where possible)
     images = torch.rand(batch, 3, clip.image_size, clip.image_size)
     tokens = clip.tokenize(
         [f"a photo of {i % 4 + 1} red {['circles', 'squares'][i % 2]} number {i}" for i in range(batch)]
