@@ -32,7 +32,7 @@ import torch
 from dvd.data.shapesworld import generate
 from dvd.models.vlm import create_vlm
 from dvd.train.attack import AttackSettings
-from dvd.train.loop import DistEnv, StepInfo, autocast, resolve_precision
+from dvd.train.loop import DistEnv, StepInfo, adamw, autocast, resolve_precision
 from dvd.train.vlm_data import build_conversations, resolve_source, shapesworld_tokenizer
 from dvd.train.vlm_model import TINY_LLAMA
 from dvd.train.vlm_step import InstructionLoss, InstructionStep
@@ -115,7 +115,7 @@ def setup(args: argparse.Namespace):
         world = Path(tmp) / "sw"
         generate(world, seed=0, size=16, image_size=32, eval_size=4, instruct_size=args.batch_size)
         vlm, images, batch = build(args.batch_size, device, world)
-    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = adamw(vlm, [p for p in vlm.parameters() if p.requires_grad], lr=1e-5)  # as the trainer
     losses = {name: make_loss(vlm, k, DistEnv(device=device)) for name, k in VARIANTS.items()}
 
     def step(name: str, index: int) -> None:
