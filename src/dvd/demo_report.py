@@ -172,8 +172,9 @@ def render_markdown(
             "Test images (left, with the truth), then each CLIP's own worst-case image at 4/255 (APGD on "
             f"the sum of its five zero-shot losses, {p.example_steps} steps). Under each image: the model's "
             "zero-shot reading of all five attributes, clean (top) and attacked (bottom); attributes it "
-            "gets wrong are marked with `*`; red text: the attack made the reading worse. The attacked "
-            "images look the same to us: that is the point.\n"
+            "gets wrong are marked with `*`; red text: the attack made the reading worse. No pixel moves "
+            "by more than 4/255: enlarged 8x, a faint texture shows on flat backgrounds, and nothing a "
+            "person would read differently.\n"
         )
         add(f"![examples]({_rel(examples, demo.out)})\n")
     else:
