@@ -22,9 +22,8 @@ Prints one line per measurement and, last, one JSON object with every number.
 from __future__ import annotations
 
 import argparse
-import io
+import itertools
 import json
-import tarfile
 import time
 from pathlib import Path
 
@@ -36,24 +35,11 @@ ATTRIBUTES = ("color", "shape", "count", "size", "texture")
 
 def read_shard(path: Path, limit: int) -> tuple[torch.Tensor, list[dict]]:
     """The first ``limit`` (image, attributes) pairs of one pre-training shard; images in [0, 1]."""
-    from PIL import Image
+    from dvd.data.image_text import ShardStream
 
-    images: dict[str, np.ndarray] = {}
-    attributes: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if ext in ("png", "json"):
-                data = tar.extractfile(member).read()
-            if ext == "png":
-                images[key] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-            elif ext == "json":
-                attributes[key] = json.loads(data)
-            if min(len(images), len(attributes)) >= limit:
-                break
-    keys = sorted(set(images) & set(attributes))[:limit]
-    pixels = torch.tensor(np.stack([images[k] for k in keys])).permute(0, 3, 1, 2).float() / 255
-    return pixels, [attributes[k] for k in keys]
+    stream = ShardStream(str(path), transform=None, target=lambda sample: json.loads(sample["json"]))
+    images, attributes = zip(*itertools.islice(stream, limit), strict=True)
+    return torch.stack(images), list(attributes)
 
 
 def labels(rows: list[dict], attribute: str) -> np.ndarray:

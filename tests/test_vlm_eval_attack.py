@@ -60,8 +60,9 @@ def test_only_a_targeted_objective_reports_success_and_an_answer_the_model_would
     assert va.answer_objective(model, prompts, cut)(x).success is None  # untargeted: no success notion
     success = va.answer_objective(model, prompts, cut, targeted=True)(x).success
     assert success.dtype == torch.bool and success.shape == (3,) and not success.any()
-    out = model(x, model.collator().pairs(prompts, cut))
+    out = model(x, model.collator().pairs(prompts, cut), greedy=True)
     assert not out.answer_is_greedy.any()
+    assert model(x, model.collator().pairs(prompts, cut)).answer_is_greedy is None  # training skips it
 
 
 def test_a_perturbation_outside_the_ball_or_the_box_is_refused():

@@ -71,10 +71,10 @@ class AnswerNLL:
     def __call__(self, images: Tensor, batch: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         tokens = VLMBatch(**batch).to(images.device)
         if self.dtype is None:
-            out = self.model(images, tokens)
+            out = self.model(images, tokens, greedy=self.greedy_success)
         else:
             with torch.autocast(device_type=images.device.type, dtype=self.dtype):
-                out = self.model(images, tokens)
+                out = self.model(images, tokens, greedy=self.greedy_success)
         nll = out.per_sample_nll.float()
         return (nll, out.answer_is_greedy) if self.greedy_success else nll
 

@@ -44,13 +44,14 @@ class VLMOutput:
     """``loss``: mean NLL over all answer tokens of the batch (LLaVA's training loss);
     ``per_sample_nll``: (B,) mean over each sample's answer tokens (0 where it has none);
     ``n_tokens``: (B,) answer-token counts;
-    ``answer_is_greedy``: (B,) bool, every answer token (the closing stop token included) is the most
-    likely next token given the ones before it: greedy decoding would write exactly this answer."""
+    ``answer_is_greedy`` (only with ``forward(..., greedy=True)``, else None): (B,) bool, every answer
+    token (the closing stop token included) is the most likely next token given the ones before it:
+    greedy decoding would write exactly this answer."""
 
     loss: torch.Tensor
     per_sample_nll: torch.Tensor
     n_tokens: torch.Tensor
-    answer_is_greedy: torch.Tensor
+    answer_is_greedy: torch.Tensor | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -131,8 +132,9 @@ class VisionLanguageModel(nn.Module):
         embeds = embeddings(batch.input_ids.masked_fill(batch.image_mask, 0))
         return embeds.masked_scatter(batch.image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
-    def forward(self, images: torch.Tensor, batch: VLMBatch) -> VLMOutput:
-        """Answer-token NLL of ``batch`` given ``images`` (B, 3, H, W) in [0, 1]."""
+    def forward(self, images: torch.Tensor, batch: VLMBatch, *, greedy: bool = False) -> VLMOutput:
+        """Answer-token NLL of ``batch`` given ``images`` (B, 3, H, W) in [0, 1]; ``greedy`` also checks
+        each answer against the argmax tokens (a targeted attack's success; training skips it)."""
         batch = batch.to(images.device)
         embeds = self.embed(images, batch)
         labels = batch.labels
@@ -151,8 +153,10 @@ class VisionLanguageModel(nn.Module):
             0, rows, token_nll
         )
         n_tokens = mask.sum(1)
-        wrong = (logits[:, :-1].argmax(-1) != targets) & mask
-        answer_is_greedy = (n_tokens > 0) & ~wrong.any(1)
+        answer_is_greedy = None
+        if greedy:
+            wrong = (logits[:, :-1].argmax(-1) != targets) & mask
+            answer_is_greedy = (n_tokens > 0) & ~wrong.any(1)
         # 0 * logits keeps the graph connected (DDP, attacks) when a batch has no answer tokens
         anchor = logits.sum() * 0.0 if token_nll.numel() == 0 else 0.0
         per_sample = sums / n_tokens.clamp(min=1) + anchor

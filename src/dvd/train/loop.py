@@ -202,7 +202,6 @@ def adamw(model: nn.Module, groups: Any, **options: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None, **options)
 
 
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on CUDA and fp32 on CPU; fp16/bf16 autocast need CUDA."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
