@@ -23,6 +23,8 @@ from torch import nn
 
 from dvd.config import ConfigError, suggest
 from dvd.io import atomic_write, read_json, versions, write_json
+from dvd.models import clip_hub
+from dvd.models.clip_weights import load_vision_weights
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 CONFIG_NAME = "open_clip_config.json"
@@ -129,7 +131,12 @@ class DvdCLIP(nn.Module):
 
 
 def create_clip(
-    model: str, *, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+    model: str,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    vision_weights: str | Path | None = None,
 ) -> DvdCLIP:
     """Build a :class:`DvdCLIP` from any of the places a CLIP comes from.
 
@@ -138,7 +145,17 @@ def create_clip(
     an open_clip model-config JSON (random init unless ``pretrained`` is a weights file) or a saved
     checkpoint directory (:func:`save_clip`). Weights load from safetensors; a pickled file is only
     read with ``torch.load(weights_only=True)`` and only if it is a plain state dict.
+    ``vision_weights``: an image-tower-only checkpoint (RobustVLM's TeCoA/FARE ``.pt``) loaded on top.
     """
+    clip = _create_clip(model, pretrained=pretrained, device=device, precision=precision)
+    if vision_weights is not None:
+        load_vision_weights(clip.model.visual, vision_weights)
+    return clip
+
+
+def _create_clip(
+    model: str, *, pretrained: str | None, device: str | torch.device, precision: str
+) -> DvdCLIP:
     register_model_configs()
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}{suggest(precision, PRECISIONS)}")
@@ -206,13 +223,39 @@ def load_clip(
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
         weights = pickled[0]
     device = _device(device)
+    info = read_json(directory / DVD_NAME) if (directory / DVD_NAME).is_file() else {}
+    name = info.get("model_name") or directory.name
+    config = clip_hub.read_config(directory / CONFIG_NAME)
+    if clip_hub.needs_dvd(config, name, source=str(directory / CONFIG_NAME)):  # ΔCLIP: fields, tokenizer
+        return _released(config, weights, name=name, directory=directory, device=device, precision=precision)
     local = f"local-dir:{directory}"
     with _no_random_init_warning():  # the weights are loaded right below, from safetensors only
         model = open_clip.create_model(local, load_weights=False, device=device, precision=precision)
     _load_weights(model, weights)
-    info = read_json(directory / DVD_NAME) if (directory / DVD_NAME).is_file() else {}
-    name = info.get("model_name") or directory.name
     return _wrap(model, name, open_clip.get_model_config(local), open_clip.get_tokenizer(local), device)
+
+
+def _released(
+    config: dict[str, Any],
+    weights: Path,
+    *,
+    name: str,
+    directory: Path | None,
+    device: torch.device,
+    precision: str,
+) -> DvdCLIP:
+    """A checkpoint stock open_clip builds or tokenizes wrongly (the paper's ΔCLIPs), see clip_hub."""
+    with _no_random_init_warning():
+        model, cfg, tokenizer = clip_hub.build_released(
+            config,
+            name=name,
+            source=str(weights.parent / CONFIG_NAME),
+            directory=directory,
+            device=device,
+            precision=precision,
+        )
+    _load_weights(model, weights)
+    return _wrap(model, name, cfg, tokenizer, device)
 
 
 def _from_name(name: str, pretrained: str | None, *, device: torch.device, precision: str) -> DvdCLIP:
@@ -245,11 +288,20 @@ def _from_name(name: str, pretrained: str | None, *, device: torch.device, preci
 def _from_hub(tag: str, *, device: torch.device, precision: str) -> DvdCLIP:
     """``hf-hub:org/name`` through open_clip; a missing network is one clear error, not a traceback."""
     try:
+        config_path, weights = clip_hub.hub_files(tag.removeprefix(HF_HUB_PREFIX))
+        config = clip_hub.read_config(config_path)
+        if clip_hub.needs_dvd(config, tag, source=f"{tag} {CONFIG_NAME}"):
+            snapshot = config_path.parent
+            return _released(
+                config, weights, name=tag, directory=snapshot, device=device, precision=precision
+            )
         model = open_clip.create_model_from_pretrained(
             tag, device=device, precision=precision, return_transform=False
         )
         cfg = open_clip.get_model_config(tag)
         tokenizer = open_clip.get_tokenizer(tag)
+    except ConfigError:
+        raise
     except (RuntimeError, OSError, ValueError) as error:
         cause = _root_cause(error)
         if _is_unreachable(error):
