@@ -117,9 +117,9 @@ class DvdCLIP(nn.Module):
         features = self.model.encode_text(tokens.to(self.device)).float()
         return F.normalize(features, dim=-1) if normalize else features
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids (LongTensor, on the model's device) with the model's own tokenizer."""
-        return self.tokenizer(list(texts)).to(self.device)
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids (LongTensor (N, context), on the model's device) of one text or a batch."""
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts)).to(self.device)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """open_clip's output dict: normalised image and text features and the logit scale."""
@@ -366,7 +366,8 @@ def _no_random_init_warning() -> Iterator[None]:
     """Hide open_clip's "initialized randomly" warning when dvd loads the weights itself."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        message = record.getMessage()
+        return "initialized randomly" not in message and "no CLIP weights found" not in message
 
     root = logging.getLogger()
     root.addFilter(keep)
