@@ -11,7 +11,9 @@ Two layouts are recognised under ``root``:
   sorted order (CLIP_benchmark style); without it the folder names are used, ``_`` read as a space.
 
 Templates use CLIP_benchmark's ``{c}`` placeholder; without a templates file the single prompt
-``"a photo of a {c}."`` is used and a note is logged.
+``"a photo of a {c}."`` is used and a note is logged. An ImageNet ImageFolder (the 1000 ``n########``
+class folders) without ``classnames.txt`` gets open_clip's ImageNet class names and, without a
+templates file, OpenAI's 80 ImageNet templates (CLIP_benchmark's names and default templates).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 from torch.utils.data import DataLoader
 
 from dvd.data.image_text import (
@@ -39,6 +42,7 @@ from dvd.data.transforms import ImageTransform
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+WNID = re.compile(r"n\d{8}")  # an ImageNet class folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
@@ -78,8 +82,16 @@ def read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
-def read_templates(root: Path) -> list[str]:
+def imagenet_templates() -> list[str]:
+    """OpenAI's 80 ImageNet prompts (open_clip's), with CLIP_benchmark's ``{c}`` placeholder."""
+    return [template("{c}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES]
+
+
+def read_templates(root: Path, *, imagenet: bool = False) -> list[str]:
     path = root / "zeroshot_classification_templates.txt"
+    if not path.is_file() and imagenet:
+        log.info("%s: no zeroshot_classification_templates.txt; using OpenAI's ImageNet templates", root)
+        return imagenet_templates()
     if not path.is_file():
         log.warning("%s: no zeroshot_classification_templates.txt; using %r", root, DEFAULT_TEMPLATES[0])
         return list(DEFAULT_TEMPLATES)
@@ -155,6 +167,9 @@ def _image_folder(
                 f"{names_file}: {len(names)} class names for {len(classes)} class folders in {folder}; "
                 "write one name per folder, in sorted folder order"
             )
+    elif len(classes) == len(open_clip.IMAGENET_CLASSNAMES) and all(WNID.fullmatch(c) for c in classes):
+        names = list(open_clip.IMAGENET_CLASSNAMES)  # sorted wnids are ImageNet's class order
+        log.info("%s: ImageNet class folders, no classnames.txt; using open_clip's ImageNet names", root)
     else:
         names = [name.replace("_", " ") for name in classes]
         log.info("%s: no classnames.txt; class names are the folder names", root)
@@ -195,6 +210,8 @@ def load_zeroshot(
         folder = split_dir if split_dir.is_dir() else root
         names, dataset = _image_folder(folder, root, transform)
         layout = "imagefolder"
+    imagenet = names == list(open_clip.IMAGENET_CLASSNAMES)
+    templates = read_templates(root, imagenet=imagenet)
     return ZeroShotData(
-        name=name, classnames=names, templates=read_templates(root), dataset=dataset, root=root, layout=layout
+        name=name, classnames=names, templates=templates, dataset=dataset, root=root, layout=layout
     )

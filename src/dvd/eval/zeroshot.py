@@ -356,8 +356,12 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--dataset",
         action="append",
-        required=True,
         help="CLIP_benchmark wds dir, ImageFolder + classnames.txt, ShapesWorld root, wds/<name>; repeatable",
+    )
+    parser.add_argument("--protocol", default=None, help="a published suite: robustvlm or dvd")
+    parser.add_argument("--skip-missing", action="store_true", help="--protocol: run the datasets found")
+    parser.add_argument(
+        "--vision-weights", default=None, help="image-tower-only checkpoint (RobustVLM's TeCoA/FARE .pt)"
     )
     parser.add_argument(
         "--dataset-root", default=None, help="root for wds/<name> ({dataset} placeholders allowed)"
@@ -383,7 +387,12 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default="results.json", help="result rows JSON (merged into if it exists)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(list(argv))
+    if args.protocol is not None:
+        from dvd.eval.zeroshot_protocols import run  # imports this module: deferred
 
+        return run(args)
+    if not args.dataset:
+        raise ConfigError("give --dataset (repeatable) or --protocol robustvlm|dvd")
     if args.attack not in ATTACKS:
         raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
     eps_list = parse_eps_list(args.eps, args.eps_unit)  # checked even with --attack none: a typo is a typo
@@ -396,8 +405,14 @@ def cli(argv: Sequence[str]) -> int:
     from dvd.models.clip import create_clip
 
     torch.manual_seed(args.seed)  # a randomly initialised model (config JSON) is the same on every rerun
-    model = create_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    model_name = args.model_name or short_model_name(args.model, args.pretrained)
+    model = create_clip(
+        args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        vision_weights=args.vision_weights,
+    )
+    model_name = args.model_name or short_model_name(args.model, args.pretrained, args.vision_weights)
     transform = image_transform(model.image_size)
     print(
         f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
@@ -462,13 +477,14 @@ def resolve_datasets(
     )
 
 
-def short_model_name(model: str, pretrained: str | None = None) -> str:
-    """A row-friendly name: the checkpoint directory / config stem / hub repo, plus the pretrained tag."""
+def short_model_name(model: str, pretrained: str | None = None, vision_weights: str | None = None) -> str:
+    """A row-friendly name: the checkpoint directory / config stem / hub repo, the pretrained tag, and
+    the vision-tower file (``ViT-L-14-openai+fare_eps_4``)."""
     base = model.rstrip("/").split("/")[-1]
     base = base[: -len(".json")] if base.endswith(".json") else base
     if pretrained:
         base += "-" + Path(pretrained).stem if Path(pretrained).exists() else f"-{pretrained}"
-    return base
+    return base + (f"+{Path(vision_weights).stem}" if vision_weights else "")
 
 
 def _wds_path(name: str, root: str | None) -> Path:
