@@ -213,7 +213,7 @@ def test_limit_still_works_with_a_protocol(standins, tmp_path, quick) -> None:
 
 def test_protocol_and_dataset_flags_conflict_in_one_line(standins, tmp_path, capsys) -> None:
     assert run(standins, tmp_path / "r.json", "--dataset", str(standins)) == 2
-    assert "drop --dataset" in capsys.readouterr().err
+    assert "fixes the datasets, budgets and attack; drop --dataset" in capsys.readouterr().err
     args = ["eval", "zeroshot", "--protocol", "robustvlmm", "--model", "dvd-tiny-vit", "--dataset-root", "x"]
     assert main(args) == 2
     assert "did you mean 'robustvlm'" in capsys.readouterr().err
@@ -233,3 +233,21 @@ def test_imagenet_image_folder_gets_open_clip_names_and_openai_templates(tmp_pat
     data = load_zeroshot(tmp_path / "imagenet", transform=None, split="val")
     assert data.classnames == list(open_clip.IMAGENET_CLASSNAMES)
     assert len(data.templates) == 80 and data.templates[0] == "a bad photo of a {c}."
+
+
+def test_images_get_the_models_open_clip_preprocessing_without_normalize() -> None:
+    import open_clip
+
+    torch.manual_seed(0)
+    model = create_clip("dvd-tiny-vit")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    ours = protocols.published_transform(model)(image)
+    _, _, reference = open_clip.create_model_and_transforms("dvd-tiny-vit")
+    mean, std = torch.tensor(model.preprocess_cfg["mean"]), torch.tensor(model.preprocess_cfg["std"])
+    assert ours.shape == (3, 32, 32) and 0 <= ours.min() and ours.max() <= 1
+    assert torch.allclose(ours, reference(image) * std.view(3, 1, 1) + mean.view(3, 1, 1), atol=1e-5)
+
+
+def test_flags_that_would_change_the_published_attack_are_refused(standins, tmp_path, capsys) -> None:
+    assert run(standins, tmp_path / "r.json", "--eps", "8/255", "--steps", "10") == 2
+    assert "drop --eps, --steps" in capsys.readouterr().err

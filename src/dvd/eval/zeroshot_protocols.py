@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
+from torchvision import transforms as T
 
 from dvd.config import ConfigError, positive_int, suggest
 from dvd.data.wds_selection import SelectedSamples, Selection
 from dvd.data.zeroshot import class_label, load_zeroshot
 from dvd.eval.results import ResultRow, eps_text, read_rows, remove_states, write_rows
-from dvd.eval.zeroshot import evaluate_zeroshot, short_model_name
+from dvd.eval.zeroshot import DEFAULT_EPS, evaluate_zeroshot, short_model_name
 
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
         "diabetic_retinopathy", "dmlab", "dsprites_label_orientation", "dsprites_label_x_position",
@@ -104,6 +106,31 @@ class ProtocolCLIP(nn.Module):
         return self.model.tokenize(texts)
 
 
+def published_transform(model: nn.Module) -> T.Compose:
+    """open_clip's eval preprocessing of ``model`` minus Normalize (CLIP_benchmark's ``transform_unnorm``)."""
+    known = {field.name for field in dataclasses.fields(PreprocessCfg)}
+    cfg = PreprocessCfg(**{k: v for k, v in model.preprocess_cfg.items() if k in known})
+    steps = image_transform_v2(cfg, is_train=False).transforms
+    return T.Compose([step for step in steps if not isinstance(step, T.Normalize)])
+
+
+def _check_fixed_flags(args: argparse.Namespace, protocol: Protocol) -> None:
+    """The preset fixes the attack; a flag that would change it is an error, not silently ignored."""
+    changed = {
+        "--eps": args.eps != DEFAULT_EPS,
+        "--eps-unit": args.eps_unit is not None,
+        "--attack": args.attack != "apgd-ce",
+        "--steps": str(args.steps) != "100",
+        "--attack-precision": args.attack_precision is not None,
+        "--dataset": bool(args.dataset),
+    }
+    given = [flag for flag, differs in changed.items() if differs]
+    if given:
+        raise ConfigError(
+            f"--protocol {protocol.name} fixes the datasets, budgets and attack; drop {', '.join(given)}"
+        )
+
+
 def dataset_candidates(name: str, root: str) -> list[Path]:
     """CLIP_benchmark's layout: ``root`` with ``{dataset}``/``{dataset_cleaned}``, or ``root/wds_<clean>``."""
     cleaned = name.replace("/", "-")  # wds/vtab/cifar10 -> wds_vtab-cifar10
@@ -149,7 +176,7 @@ def load_selected(
 
 def run(args: argparse.Namespace) -> int:
     """``dvd eval zeroshot --protocol NAME``: the whole suite, resumable per dataset, table + CSV."""
-    from dvd.data.transforms import image_transform, plain_tensor
+    from dvd.data.transforms import plain_tensor
     from dvd.models.clip import create_clip
 
     if args.protocol not in PROTOCOLS:
@@ -157,8 +184,7 @@ def run(args: argparse.Namespace) -> int:
     protocol = PROTOCOLS[args.protocol]
     if args.dataset_root is None:
         raise ConfigError(f"--protocol {protocol.name} needs --dataset-root (CLIP_benchmark wds_* dirs)")
-    if args.dataset:
-        raise ConfigError("--protocol chooses the datasets itself; drop --dataset")
+    _check_fixed_flags(args, protocol)
     limit = None if args.limit is None else positive_int(args.limit, "--limit")
     batch_size = positive_int(args.batch_size, "--batch-size")
     suite = plan(protocol, args.dataset_root, skip_missing=args.skip_missing)  # before loading a model
@@ -181,9 +207,10 @@ def run(args: argparse.Namespace) -> int:
             rows += done
             continue
         native = name in protocol.native_resolution
-        transform = plain_tensor() if native else image_transform(model.image_size)
+        transform = plain_tensor() if native else published_transform(model)
         data = load_selected(path, protocol, samples=samples, seed=args.seed, transform=transform)
-        input_size = data.dataset[0][0].shape[-1] if native and len(data.dataset) else None
+        first = data.dataset[0] if native and len(data.dataset) else None
+        input_size = first[0].shape[-1] if first is not None else None
         view = ProtocolCLIP(model, logit_scale=protocol.logit_scale, input_size=input_size)
         found = evaluate_zeroshot(
             view,
