@@ -204,3 +204,9 @@ def test_vision_weights_for_another_architecture_name_the_mismatch(tmp_path) -> 
     with pytest.raises(ConfigError, match="do not fit this model's image tower") as error:
         create_clip("dvd-tiny-vit", vision_weights=path)
     assert "\n" not in str(error.value)
+
+
+def test_tokenize_takes_one_text_as_one_row(base_and_tower) -> None:
+    base, _ = base_and_tower
+    one = base.tokenize("a photo of a cat")
+    assert one.shape[0] == 1 and torch.equal(one, base.tokenize(["a photo of a cat"]))

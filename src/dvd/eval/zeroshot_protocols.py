@@ -25,10 +25,12 @@ from torch import nn
 from torchvision import transforms as T
 
 from dvd.config import ConfigError, positive_int, suggest
+from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
-from dvd.data.zeroshot import class_label, load_zeroshot
+from dvd.data.zeroshot import ZeroShotData, class_label, load_zeroshot
 from dvd.eval.results import ResultRow, eps_text, read_rows, remove_states, write_rows
 from dvd.eval.zeroshot import DEFAULT_EPS, evaluate_zeroshot, short_model_name
+from dvd.models.clip import create_clip
 
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
         "diabetic_retinopathy", "dmlab", "dsprites_label_orientation", "dsprites_label_x_position",
@@ -160,8 +162,8 @@ def plan(protocol: Protocol, root: str, *, skip_missing: bool) -> list[tuple[str
 
 
 def load_selected(
-    path: Path, protocol: Protocol, *, samples: int, seed: int, transform: object
-) -> object:
+    path: Path, protocol: Protocol, *, samples: int, seed: int, transform: ImageTransform
+) -> ZeroShotData:
     """The dataset at ``path`` reduced to the protocol's samples, in CLIP_benchmark's order."""
     data = load_zeroshot(path, transform=transform, split="test")
     selection = Selection(samples, seed=seed, batch_size=protocol.batch_size, workers=protocol.workers)
@@ -176,9 +178,6 @@ def load_selected(
 
 def run(args: argparse.Namespace) -> int:
     """``dvd eval zeroshot --protocol NAME``: the whole suite, resumable per dataset, table + CSV."""
-    from dvd.data.transforms import plain_tensor
-    from dvd.models.clip import create_clip
-
     if args.protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {args.protocol!r}{suggest(args.protocol, PROTOCOLS)}")
     protocol = PROTOCOLS[args.protocol]
