@@ -40,6 +40,7 @@ def test_punctuation_splits_off_and_case_and_accents_fold(tokenizer) -> None:
     assert tokenizer.encode("don't") == [2123, 1005, 1056]  # don ' t
     assert tokenizer.encode("Café NAÏVE") == [7668, 15743]  # cafe naive
     assert tokenizer.encode("Straße") == [2358, 8180, 3366]  # full case folding: strasse -> st ##ras ##se
+    assert tokenizer.encode("का") == [1315, 29876]  # only Mn marks go: the Mc vowel sign stays (क ##ा)
 
 
 def test_cjk_characters_are_single_tokens_and_emoji_unknown(tokenizer) -> None:
@@ -51,6 +52,11 @@ def test_cjk_characters_are_single_tokens_and_emoji_unknown(tokenizer) -> None:
 def test_words_over_100_bytes_and_unsplittable_words_are_unknown(tokenizer) -> None:
     assert tokenizer.encode("x" * 101) == [UNK]
     assert tokenizer.encode("a\u00a0b") == [UNK]  # RE2's \s is ASCII only: one word, no WordPiece split
+
+
+def test_control_and_format_characters_become_spaces(tokenizer) -> None:
+    assert tokenizer.encode("cat\u200bdog") == [CAT, DOG]  # zero-width space (Cf)
+    assert tokenizer.encode("cat\x00dog\x0bcat") == [CAT, DOG, CAT]  # NUL and vertical tab (Cc)
     assert tokenizer.encode("é" * 60) == [25212] + [4402] * 29  # 60 bytes once accents are stripped
 
 

@@ -8,11 +8,11 @@ length, the last slot of *every* row is set to ``[eos]`` (the authors' code deci
 then ``[CLS]`` is appended as the last token.
 
 tensorflow_text's basic tokenizer, reproduced here without TensorFlow: full Unicode case folding
-(ICU's, = ``str.casefold``), NFD, combining marks (``Mn``) removed, split on ASCII whitespace (RE2's
-``\\s``), ASCII symbols, ``\\p{P}`` punctuation and CJK ideographs kept as one-character tokens;
-then WordPiece (``##`` suffixes, a word over 100 *bytes* or without a full split is ``[UNK]``).
-Unlike ``BertTokenizerFast`` it keeps control characters and non-ASCII spaces inside words, and
-folds ``ß`` to ``ss``, as tensorflow_text does.
+(ICU's, = ``str.casefold``), NFD, combining marks (``Mn``) removed, control and format characters
+(``Cc``, ``Cf``) made spaces, split on ASCII whitespace (RE2's ``\\s``), ASCII symbols, ``\\p{P}``
+punctuation and CJK ideographs kept as one-character tokens; then WordPiece (``##`` suffixes, a word
+over 100 *bytes* or without a full split is ``[UNK]``). Unlike ``BertTokenizerFast`` it keeps
+non-ASCII spaces (NBSP) inside words and folds ``ß`` to ``ss``, as tensorflow_text does.
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ class DeltaTokenizer:
         self.unk_id = ids["[UNK]"]
         pieces = {token: index for token, index in ids.items() if token}
         self._wordpiece = WordPiece(pieces, unk_token="[UNK]", max_input_chars_per_word=MAX_BYTES_PER_WORD)
-        self._normalize = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+        self._normalize = normalizers.Sequence(
+            [
+                normalizers.NFD(),
+                normalizers.Replace(Regex(r"\p{Mn}"), ""),  # not StripAccents: that drops Mc/Me too
+                normalizers.Replace(Regex(r"\p{Cc}|\p{Cf}"), " "),  # control and format characters
+            ]
+        )
         self._split = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(r"[\t\n\f\r ]+"), behavior="removed"),
