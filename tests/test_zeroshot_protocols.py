@@ -251,3 +251,12 @@ def test_images_get_the_models_open_clip_preprocessing_without_normalize() -> No
 def test_flags_that_would_change_the_published_attack_are_refused(standins, tmp_path, capsys) -> None:
     assert run(standins, tmp_path / "r.json", "--eps", "8/255", "--steps", "10") == 2
     assert "drop --eps, --steps" in capsys.readouterr().err
+
+
+def test_multilabel_datasets_are_left_out_up_front(tmp_path, capsys) -> None:
+    for name in ("wds_voc2007_multilabel", "wds_voc2007"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "wds_voc2007_multilabel" / "dataset_type.txt").write_text("multilabel\n")
+    suite = protocols.plan(protocols.PROTOCOLS["dvd"], str(tmp_path), skip_missing=True)
+    assert [name for name, _, _ in suite] == ["voc2007"]
+    assert "skipping voc2007_multilabel: a CLIP_benchmark multilabel dataset" in capsys.readouterr().err

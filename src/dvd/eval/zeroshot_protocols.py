@@ -158,7 +158,22 @@ def plan(protocol: Protocol, root: str, *, skip_missing: bool) -> list[tuple[str
         )
     for name in missing:
         print(f"dvd: skipping {name}: not found under {root}", file=sys.stderr)
-    return [(name, samples, path) for name, samples, path in found if path is not None]
+    suite = []
+    for name, samples, path in found:
+        kind = _dataset_type(path) if path is not None else "classification"
+        if kind != "classification":  # e.g. voc2007_multilabel: mAP, no single label to attack
+            note = f"dvd: skipping {name}: a CLIP_benchmark {kind} dataset, not classification"
+            print(note, file=sys.stderr)
+        elif path is not None:
+            suite.append((name, samples, path))
+    return suite
+
+
+def _dataset_type(path: Path) -> str:
+    """CLIP_benchmark's ``dataset_type.txt`` (classification when absent or empty)."""
+    kind_file = path / "dataset_type.txt"
+    kind = kind_file.read_text(errors="replace").strip().lower() if kind_file.is_file() else ""
+    return kind or "classification"
 
 
 def load_selected(
