@@ -226,8 +226,17 @@ def load_clip(
     info = read_json(directory / DVD_NAME) if (directory / DVD_NAME).is_file() else {}
     name = info.get("model_name") or directory.name
     config = clip_hub.read_config(directory / CONFIG_NAME)
-    if clip_hub.needs_dvd(config, name, source=str(directory / CONFIG_NAME)):  # ΔCLIP: fields, tokenizer
-        return _released(config, weights, name=name, directory=directory, device=device, precision=precision)
+    seen_as = f"{name} {directory.resolve()}"  # a hub-cache snapshot dir is a hash; its path names the repo
+    if clip_hub.needs_dvd(config, seen_as, source=str(directory / CONFIG_NAME)):  # ΔCLIP
+        return _released(
+            config,
+            weights,
+            name=name,
+            seen_as=seen_as,
+            directory=directory,
+            device=device,
+            precision=precision,
+        )
     local = f"local-dir:{directory}"
     with _no_random_init_warning():  # the weights are loaded right below, from safetensors only
         model = open_clip.create_model(local, load_weights=False, device=device, precision=precision)
@@ -243,12 +252,15 @@ def _released(
     directory: Path | None,
     device: torch.device,
     precision: str,
+    seen_as: str | None = None,
 ) -> DvdCLIP:
-    """A checkpoint stock open_clip builds or tokenizes wrongly (the paper's ΔCLIPs), see clip_hub."""
+    """A checkpoint stock open_clip builds or tokenizes wrongly (the paper's ΔCLIPs), see clip_hub.
+
+    ``seen_as`` (default ``name``) is what the ``delta_clip`` name rule looks at."""
     with _no_random_init_warning():
         model, cfg, tokenizer = clip_hub.build_released(
             config,
-            name=name,
+            name=seen_as or name,
             source=str(weights.parent / CONFIG_NAME),
             directory=directory,
             device=device,
