@@ -192,4 +192,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(rows, options.out, state_dir, options.checkpoint)

@@ -26,8 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dvd.config import ConfigError, parse_eps_list, positive_int, suggest
+from dvd.eval import options
+from dvd.eval.output import claim_output
 from dvd.eval.results import (
     ResultRow,
+    check_model_name,
     eps_text,
     flag_rising_robustness,
     format_table,
@@ -366,7 +369,7 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets (default {DEFAULT_EPS})"
     )
-    parser.add_argument("--eps-unit", type=float, default=None, help="divide --eps by this, e.g. 255")
+    parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument(
         "--attack", default="apgd-ce", help="apgd-ce (default), aa (apgd-ce + apgd-t), pgd, none"
     )
@@ -386,25 +389,29 @@ def cli(argv: Sequence[str]) -> int:
 
     if args.attack not in ATTACKS:
         raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
-    eps_list = parse_eps_list(args.eps, args.eps_unit)  # checked even with --attack none: a typo is a typo
+    # checked even with --attack none: a typo is a typo
+    eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
     steps = positive_int(args.steps, "--steps")
     batch_size = positive_int(args.batch_size, "--batch-size")
     limit = None if args.limit is None else positive_int(args.limit, "--limit")
-    workers = int(args.workers)
+    workers = options.workers(args.workers)
+    options.check_model_argument(args.model)
+    out = claim_output(args.out)
+    model_name = args.model_name or options.model_row_name(args.model, args.pretrained)
+    checkpoint = options.model_checkpoint(args.model, args.pretrained)
+    check_model_name(out, model_name, checkpoint)
 
     from dvd.data.transforms import image_transform
     from dvd.models.clip import create_clip
 
     torch.manual_seed(args.seed)  # a randomly initialised model (config JSON) is the same on every rerun
     model = create_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    model_name = args.model_name or short_model_name(args.model, args.pretrained)
     transform = image_transform(model.image_size)
     print(
         f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
         f"{model.image_size}x{model.image_size} input",
         file=sys.stderr,
     )
-    out = Path(args.out)
     state_dir = Path(f"{out}.partial")
     all_rows: list[ResultRow] = []
     for spec in args.dataset:
@@ -427,7 +434,7 @@ def cli(argv: Sequence[str]) -> int:
                 workers=workers,
                 progress=not args.no_progress,
             )
-            write_rows(out, rows)
+            write_rows(out, options.mark_rows(rows, checkpoint))
             all_rows += rows
     remove_states(state_dir, all_rows)  # every (dataset, eps) of this run is in the results file now
     print(format_table(all_rows))
@@ -443,7 +450,7 @@ def resolve_datasets(
 
     if spec.startswith("wds/"):
         name = spec[len("wds/") :]
-        path = _wds_path(name, root)
+        path = wds_path(name, root)
         return [(name, load_zeroshot(path, transform=transform, split=split))]
     path = Path(spec)
     if path.is_dir() and (path / "zeroshot").is_dir():  # a ShapesWorld root: every zero-shot task
@@ -462,16 +469,7 @@ def resolve_datasets(
     )
 
 
-def short_model_name(model: str, pretrained: str | None = None) -> str:
-    """A row-friendly name: the checkpoint directory / config stem / hub repo, plus the pretrained tag."""
-    base = model.rstrip("/").split("/")[-1]
-    base = base[: -len(".json")] if base.endswith(".json") else base
-    if pretrained:
-        base += "-" + Path(pretrained).stem if Path(pretrained).exists() else f"-{pretrained}"
-    return base
-
-
-def _wds_path(name: str, root: str | None) -> Path:
+def wds_path(name: str, root: str | None) -> Path:
     """CLIP_benchmark style: ``--dataset-root`` with ``{dataset}``/``{dataset_cleaned}``, or a parent dir."""
     if root is None:
         raise ConfigError(
