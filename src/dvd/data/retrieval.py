@@ -26,10 +26,13 @@ DEFAULT_SPLIT = "test"  # Karpathy files and CLIP_benchmark folders: evaluate th
 
 @dataclass
 class RetrievalData:
-    """Images with their captions: ``dataset`` yields ``(image (3,H,W) [0,1], captions list[str])``."""
+    """Images with their captions: ``dataset`` yields ``(image (3,H,W) [0,1], captions list[str])``.
+
+    ``skipped``: the samples the last pass left out (unreadable images, samples without captions)."""
 
     name: str
     dataset: Any
+    skipped: int = 0
 
 
 class _Pairs(torch.utils.data.Dataset):
@@ -40,10 +43,6 @@ class _Pairs(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @property
-    def skipped_count(self) -> int:
-        return len(self.items.skipped)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]] | None:
         item = self.items[index]

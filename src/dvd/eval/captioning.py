@@ -485,6 +485,7 @@ def evaluate_captioning(
                 seed=seed,
                 flags=[],
                 versions=versions(),
+                skipped=budget.skipped,
             )
         )
     return rows

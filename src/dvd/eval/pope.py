@@ -166,6 +166,7 @@ def evaluate_pope(
                     seed=seed,
                     flags=[],
                     versions=versions(),
+                    skipped=budget.skipped,
                 )
             )
     return rows

@@ -118,7 +118,12 @@ def evaluate_retrieval(
         clean = recall_at_k(clean_features @ text_features.t(), text_to_image, ks)
         clean_seconds = time.perf_counter() - tick
         common = dict(
-            model=model_name, task="retrieval", dataset=dataset_name, seed=seed, versions=versions()
+            model=model_name,
+            task="retrieval",
+            dataset=dataset_name,
+            seed=seed,
+            versions=versions(),
+            skipped=data.skipped,
         )
         rows: list[ResultRow] = []
         if not budgets:
@@ -219,11 +224,15 @@ def _rows(
 def _clean_pass(
     model: nn.Module, data: RetrievalData, batch_size: int, limit: int | None, progress: bool
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Clean image features (N, D), the flat caption list and each caption's image index."""
-    features, captions, owner, n_images = [], [], [], 0
+    """Clean image features (N, D), the flat caption list and each caption's image index.
+
+    Sets ``data.skipped``: the samples of this pass left out (unreadable, or without captions).
+    """
+    features, captions, owner, n_images, read = [], [], [], 0, 0
     bar = tqdm(desc=f"{data.name} clean", unit="img", disable=not progress, file=sys.stderr)
     device = _device_of(model)
-    for _, _, images, caption_lists in _batches(data.dataset, batch_size, start=0, limit=limit):
+    for start, end, images, caption_lists in _batches(data.dataset, batch_size, start=0, limit=limit):
+        read += end - start
         if not caption_lists:
             continue
         features.append(_encode_images(model, images.to(device)))
@@ -233,6 +242,7 @@ def _clean_pass(
             n_images += 1
         bar.update(len(caption_lists))
     bar.close()
+    data.skipped = read - n_images + getattr(data.dataset, "skipped_count", 0)  # + those a stream dropped
     image_features = torch.cat(features) if features else torch.empty(0, 0, device=device)
     return image_features, captions, torch.as_tensor(owner, dtype=torch.long, device=device)
 

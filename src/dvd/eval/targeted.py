@@ -148,6 +148,7 @@ def evaluate_targeted(
                         seed=seed,
                         flags=[],
                         versions=versions(),
+                        skipped=budget.skipped,
                     )
                 )
     return rows

@@ -310,13 +310,15 @@ class SampleTask(Protocol):
 @dataclass
 class BudgetResult:
     """The outputs of one budget: ``samples`` (dicts with ``position``, ``outputs`` (clean first) and the
-    task's own fields), the row's ``attack`` name and ``steps``, and the wall time."""
+    task's own fields), the row's ``attack`` name and ``steps``, the wall time and the unreadable samples
+    left out."""
 
     eps: float
     attack: str
     steps: int
     samples: list[dict[str, Any]]
     seconds: float
+    skipped: int = 0
 
 
 def batch_outputs(
@@ -444,7 +446,9 @@ def evaluate_outputs(
                 progress=progress,
                 label=f"{dataset_name} {name} eps={eps_text(eps)}",
             )
-            results.append(BudgetResult(eps, name, budget_steps, state["samples"], state["seconds"]))
+            results.append(
+                BudgetResult(eps, name, budget_steps, state["samples"], state["seconds"], state["skipped"])
+            )
     return results
 
 

@@ -230,6 +230,7 @@ def evaluate_vqa(
                 seed=seed,
                 flags=[],
                 versions=versions(),
+                skipped=budget.skipped,
             )
         )
     return rows

@@ -272,6 +272,9 @@ class _Budget:
                 save_state(path, state)
                 bar.update(next_position - position)
                 bar.set_postfix(clean=f"{_mean(clean):.3f}", robust=f"{_mean(robust):.3f}" if robust else "-")
+            # a stream drops unreadable samples itself (counted by this process's pass when workers == 0)
+            dropped = getattr(self.data.dataset, "skipped_count", 0)
+            state["stream_skipped"] = dropped if self.workers == 0 else 0
             state["finished"] = True
             save_state(path, state)
         bar.close()
@@ -292,6 +295,7 @@ class _Budget:
             seed=self.seed,
             flags=sorted(flags),
             versions=versions(),
+            skipped=state["skipped"] + state.get("stream_skipped", 0),
         )
 
     def _evaluate_batch(
