@@ -22,7 +22,7 @@ ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 # Images above this many pixels are refused before decoding (readers skip and count them): an 8192 x 8192
 # image, 64 Mi pixels (~200 MB as 8-bit RGB, several times that while resizing). Set DVD_MAX_PIXELS to change.
-MAX_PIXELS = int(os.environ.get("DVD_MAX_PIXELS", 8192 * 8192))
+MAX_PIXELS = positive_int(os.environ.get("DVD_MAX_PIXELS", 8192 * 8192), "DVD_MAX_PIXELS")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows open 16-bit PNGs
 
 
