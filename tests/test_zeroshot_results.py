@@ -30,7 +30,7 @@ def test_rows_have_exactly_the_design_keys_in_order() -> None:
     assert tuple(row().to_dict()) == ROW_KEYS
     assert ROW_KEYS == (
         "model", "task", "dataset", "metric", "attack", "eps", "steps",
-        "clean", "adversarial", "n", "seconds", "seed", "flags", "versions",
+        "clean", "adversarial", "n", "seconds", "seed", "flags", "versions", "skipped", "checkpoint",
     )  # fmt: skip
 
 
@@ -44,7 +44,8 @@ def test_write_rows_merges_by_key_and_replaces_reruns(tmp_path) -> None:
     ]  # fmt: skip
     assert read_rows(path) == merged
     assert json.loads(path.read_text())[0] == row(adversarial=0.125).to_dict()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp files left behind
+    # no temp files left behind; the (empty) lock file of the read-merge-replace stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.json.lock", "results.json"]
 
 
 def test_read_rows_names_the_missing_keys(tmp_path) -> None:

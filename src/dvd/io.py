@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +19,20 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _writer() -> str:
+    """This process as named in its temporaries: host and pid (a killed writer's are found by the next)."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '_', socket.gethostname())}-{os.getpid()}"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers see old or new, never half."""
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers see old or new, never half.
+
+    The temporary is ``.NAME.HOST-PID.XXXXXXXX.tmp`` beside ``path``, so that one left by a killed process
+    can be told from one being written (:func:`remove_dead_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
@@ -39,6 +50,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def remove_dead_temporaries(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Delete the :func:`atomic_write` temporaries in ``directory`` (of file ``name``, or of any file) whose
+    writer process, on this host, no longer runs. Returns what was removed."""
+    host, _ = _writer().rsplit("-", 1)
+    pattern = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = pattern.match(path.name)
+        if match is None or match["host"] != host or (name is not None and match["name"] != name):
+            continue
+        if not _alive(int(match["pid"])) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def write_json(path: str | Path, data: Any) -> Path:

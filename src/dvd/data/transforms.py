@@ -7,9 +7,11 @@ Normalisation lives inside the model wrapper (DESIGN.md), so every transform her
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -17,6 +19,11 @@ from torchvision import transforms as T
 from dvd.config import positive_int
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+# Images above this many pixels are refused before decoding (readers skip and count them): an 8192 x 8192
+# image, 64 Mi pixels (~200 MB as 8-bit RGB, several times that while resizing). Set DVD_MAX_PIXELS to change.
+MAX_PIXELS = positive_int(os.environ.get("DVD_MAX_PIXELS", 8192 * 8192), "DVD_MAX_PIXELS")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows open 16-bit PNGs
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -44,13 +51,27 @@ def plain_tensor() -> ImageTransform:
     return T.Compose([to_rgb, T.ToTensor()])
 
 
-def decode_image(data: bytes | Path) -> Image.Image:
-    """Fully decode image bytes (or a file) into an RGB PIL image.
+def decode_image(data: bytes | Path, *, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode image bytes (or a file) into an 8-bit RGB PIL image.
 
     ``load()`` is forced here so that a truncated or corrupt file fails now, inside the reader's
-    skip-and-count guard, and not later inside a DataLoader worker.
+    skip-and-count guard, and not later inside a DataLoader worker. An image of more than ``max_pixels``
+    (default :data:`MAX_PIXELS`) is refused from its header, before decoding. 16-bit greyscale images are
+    scaled from [0, 65535] (Pillow would clip them at 255: almost white); float images are refused.
     """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     source = data if isinstance(data, Path) else io.BytesIO(data)
     with Image.open(source) as image:
+        width, height = image.size
+        if width * height > limit:
+            raise ValueError(
+                f"image of {width}x{height} = {width * height} pixels is above the limit of {limit} "
+                "(DVD_MAX_PIXELS); skipped"
+            )
         image.load()
+        if image.mode in SIXTEEN_BIT_MODES:
+            levels = np.asarray(image, dtype=np.float64).clip(0, 65535) * (255 / 65535)
+            return Image.fromarray(levels.round().astype(np.uint8), mode="L").convert("RGB")
+        if image.mode == "F":
+            raise ValueError("floating-point image (mode F) has no defined pixel range; convert it to 8 bit")
         return image.convert("RGB")  # a new image: the file handle closes with the context

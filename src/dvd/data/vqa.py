@@ -4,8 +4,8 @@ Items are ``dict(image, question_id, question, answers: list[str], answer_type, 
 VQAv2 files name images only by id, so the file is found with a pattern: COCO's
 ``COCO_{subtype}_{image_id:012d}.jpg`` (``subtype`` = the questions file's ``data_subtype``), the
 COCO-2017 ``{image_id:012d}.jpg``, or ``{image_id}.jpg`` (each also as ``.png``), whichever exists
-for the first question; pass ``image_pattern`` to fix it. A question entry with an ``image`` or
-``file_name`` field (LLaVA's VQAv2 files have one) uses that name instead.
+for the first question; pass ``image_pattern`` (``dvd eval vqa --image-pattern``) to fix it. A question
+entry with an ``image`` or ``file_name`` field (LLaVA's VQAv2 files have one) uses that name instead.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class VQAv2(ImageRecords):
                 "image_id": image_id,
             }
             records.append({"key": str(question_id), "given": given, "image_id": image_id, "fields": fields})
-        pattern = image_pattern or self._find_pattern(records, root, subtype)
+        pattern = self._find_pattern(records, root, subtype, [image_pattern] if image_pattern else None)
         for record in records:
             name = record.pop("given") or _name(pattern, subtype, record.pop("image_id"))
             record.pop("image_id", None)
@@ -112,16 +112,21 @@ class VQAv2(ImageRecords):
         super().__init__(records, source=str(path), transform=transform)
 
     @staticmethod
-    def _find_pattern(records: list[dict[str, Any]], root: Path, subtype: str) -> str:
-        """The first of IMAGE_PATTERNS naming an existing file for the first id-only question."""
+    def _find_pattern(
+        records: list[dict[str, Any]], root: Path, subtype: str, patterns: list[str] | None = None
+    ) -> str:
+        """The first of ``patterns`` (default IMAGE_PATTERNS) naming an existing file for the first
+        id-only question."""
+        patterns = patterns or list(IMAGE_PATTERNS)
         first = next((r for r in records if r["given"] is None), None)
         if first is None:
-            return IMAGE_PATTERNS[0]
-        tried = [n for n in (_name(p, subtype, first["image_id"]) for p in IMAGE_PATTERNS) if n]
-        for pattern in IMAGE_PATTERNS:
+            return patterns[0]
+        tried = [n for n in (_name(p, subtype, first["image_id"]) for p in patterns) if n]
+        for pattern in patterns:
             name = _name(pattern, subtype, first["image_id"])
             if name and (root / name).is_file():
                 return pattern
         raise FileNotFoundError(
-            f"{root}: no file for image_id {first['image_id']!r}; tried {', '.join(tried)}; set image_pattern"
+            f"{root}: no file for image_id {first['image_id']!r}; tried {', '.join(tried)}; give the file "
+            "name pattern with --image-pattern, e.g. 'COCO_test2015_{image_id:012d}.jpg'"
         )

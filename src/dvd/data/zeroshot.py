@@ -123,7 +123,8 @@ def _natural(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _shard_urls(split_dir: Path) -> list[str]:
+def shard_urls(split_dir: Path) -> list[str]:
+    """``split_dir``'s shards: ``0.tar .. n-1.tar`` when ``nshards.txt`` says n, else every ``*.tar``."""
     count_file = split_dir / "nshards.txt"
     if count_file.is_file():
         text = count_file.read_text(errors="replace").strip()
@@ -198,7 +199,7 @@ def load_zeroshot(
                 f"{kind_file}: {root} is a CLIP_benchmark {kind[:30]!r} dataset, not classification"
             )
     split_dir = root / split
-    urls = _shard_urls(split_dir) if split_dir.is_dir() else []
+    urls = shard_urls(split_dir) if split_dir.is_dir() else []
     if urls:
         names = read_lines(
             existing_file(root / "classnames.txt", "class names of a zero-shot task"), "class names"

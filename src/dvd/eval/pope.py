@@ -166,6 +166,7 @@ def evaluate_pope(
                     seed=seed,
                     flags=[],
                     versions=versions(),
+                    skipped=budget.skipped,
                 )
             )
     return rows
@@ -227,4 +228,4 @@ def cli(argv: Sequence[str]) -> int:
             state_dir=state_dir,
             progress=not args.no_progress,
         )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(rows, options.out, state_dir, options.checkpoint)

@@ -1,7 +1,9 @@
 """Result rows (DESIGN.md "Result rows"): one per model x task x dataset x metric x attack x eps.
 
 Every evaluation writes these and ``report.py`` reads nothing else. Writing merges into the file
-atomically, so evaluations of different models or datasets can share one ``results.json``.
+atomically and under a file lock, so evaluations of different models or datasets, run one after the other
+or at the same time, can share one ``results.json``. A row names its model (``model``) and records what
+was loaded (``checkpoint``): two different checkpoints never share a row key silently.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dvd.eval.output import rows_lock
 from dvd.io import read_json, write_json
 
 ROW_KEYS = (
@@ -33,7 +36,10 @@ ROW_KEYS = (
     "seed",
     "flags",
     "versions",
+    "skipped",
+    "checkpoint",
 )
+OPTIONAL_KEYS = {"skipped": 0, "checkpoint": ""}  # rows written before these existed read with these
 
 
 @dataclasses.dataclass
@@ -42,6 +48,8 @@ class ResultRow:
 
     ``eps`` is in pixel units ([0, 1] images); ``eps == 0`` means clean only (``adversarial`` None).
     ``flags`` are the gradient-masking warnings raised while attacking (empty when none fired).
+    ``skipped`` counts the samples left out as unreadable (corrupt or missing images, oversized images);
+    ``checkpoint`` is what the model was loaded from (a resolved path, or a name with its pretrained tag).
     """
 
     model: str
@@ -58,6 +66,8 @@ class ResultRow:
     seed: int
     flags: list[str] = dataclasses.field(default_factory=list)
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: int = 0
+    checkpoint: str = ""
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -69,10 +79,10 @@ class ResultRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "row") -> ResultRow:
-        missing = [k for k in ROW_KEYS if k not in data]
+        missing = [k for k in ROW_KEYS if k not in data and k not in OPTIONAL_KEYS]
         if missing:
             raise ValueError(f"{source} lacks result keys {', '.join(missing)}; was it written by dvd?")
-        return cls(**{k: data[k] for k in ROW_KEYS})
+        return cls(**{k: data.get(k, OPTIONAL_KEYS.get(k)) for k in ROW_KEYS})
 
 
 def read_rows(path: str | Path) -> list[ResultRow]:
@@ -84,19 +94,41 @@ def read_rows(path: str | Path) -> list[ResultRow]:
 
 
 def write_rows(path: str | Path, rows: Iterable[ResultRow]) -> list[ResultRow]:
-    """Merge ``rows`` into the file at ``path`` (replacing rows with the same key), atomically.
+    """Merge ``rows`` into the file at ``path`` (replacing rows with the same key), atomically, under a lock.
 
+    A row whose key is already in the file for another checkpoint is refused (:func:`check_model_name`).
     Returns the rows now in the file, in file order (old rows first, new keys appended).
     """
     path = Path(path)
-    merged: dict[tuple[Any, ...], ResultRow] = {}
+    rows = list(rows)
+    with rows_lock(path):
+        merged: dict[tuple[Any, ...], ResultRow] = {}
+        if path.is_file():
+            for row in read_rows(path):
+                merged[row.key] = row
+        for row in rows:
+            old = merged.get(row.key)
+            if old is not None:
+                _refuse_other_checkpoint(path, old, row.model, row.checkpoint)
+            merged[row.key] = row
+        write_json(path, [row.to_dict() for row in merged.values()])
+    return list(merged.values())
+
+
+def check_model_name(path: str | Path, model: str, checkpoint: str) -> None:
+    """Refuse, before any work, a model name that ``path`` already holds rows of for another checkpoint."""
+    path = Path(path)
     if path.is_file():
         for row in read_rows(path):
-            merged[row.key] = row
-    for row in rows:
-        merged[row.key] = row
-    write_json(path, [row.to_dict() for row in merged.values()])
-    return list(merged.values())
+            _refuse_other_checkpoint(path, row, model, checkpoint)
+
+
+def _refuse_other_checkpoint(path: Path, row: ResultRow, model: str, checkpoint: str) -> None:
+    if row.model == model and row.checkpoint and checkpoint and row.checkpoint != checkpoint:
+        raise ValueError(
+            f"{path} already has rows of model {model!r} from {row.checkpoint}, not {checkpoint}; "
+            "give --model-name another name (or another --out)"
+        )
 
 
 def eps_text(eps: float) -> str:

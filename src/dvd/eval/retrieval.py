@@ -30,8 +30,19 @@ from torch import nn
 from tqdm import tqdm
 
 from dvd.config import ConfigError, parse_eps_list, positive_int, suggest
-from dvd.eval.results import ResultRow, eps_text, format_table, remove_states, state_path, write_rows
-from dvd.eval.zeroshot import evaluation_mode, short_model_name
+from dvd.data.retrieval import RetrievalData, load_retrieval
+from dvd.eval import options
+from dvd.eval.output import claim_output
+from dvd.eval.results import (
+    ResultRow,
+    check_model_name,
+    eps_text,
+    format_table,
+    remove_states,
+    state_path,
+    write_rows,
+)
+from dvd.eval.zeroshot import evaluation_mode, wds_path
 from dvd.io import atomic_write, versions
 
 DEFAULT_EPS = "1/255,2/255,4/255"
@@ -76,81 +87,6 @@ def recall_at_k(
     return out
 
 
-@dataclass
-class RetrievalData:
-    """Images with their captions: ``dataset`` yields ``(image (3,H,W) [0,1], captions list[str])``."""
-
-    name: str
-    dataset: Any
-
-
-class _Pairs(torch.utils.data.Dataset):
-    """Map-style (image, captions) view of COCO-style items ``dict(image, image_id, captions)``."""
-
-    def __init__(self, items: Any) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]] | None:
-        item = self.items[index]
-        return None if item is None else (item["image"], list(item["captions"]))
-
-
-class _StreamPairs(torch.utils.data.IterableDataset):
-    """(image, [caption]) from an image-text stream of (image, caption)."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__()
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        for image, caption in self.stream:
-            yield image, [caption]
-
-
-def load_retrieval(
-    spec: str,
-    *,
-    transform: Any,
-    image_root: str | None = None,
-    karpathy: str | None = None,
-    split: str | None = None,
-    name: str | None = None,
-) -> RetrievalData:
-    """A retrieval set: a ShapesWorld root (its COCO-style test captions), a COCO captions JSON, or shards."""
-    from dvd.data.captions import CocoCaptions
-    from dvd.data.image_text import image_text_shards
-
-    path = Path(spec)
-    if path.is_dir() and (path / "captions" / "annotations.json").is_file():
-        captions = CocoCaptions(
-            path / "captions" / "annotations.json",
-            path / "images",
-            transform=transform,
-            karpathy_json=path / "captions" / "karpathy_split.json",
-            split=split or "test",
-        )
-        return RetrievalData(name or "shapesworld/captions", _Pairs(captions))
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"captions file {path} does not exist")
-        if image_root is None:
-            raise ConfigError(f"{path} is a COCO captions file; pass --image-root with its images")
-        captions = CocoCaptions(path, image_root, transform=transform, karpathy_json=karpathy, split=split)
-        return RetrievalData(name or path.parent.name or path.stem, _Pairs(captions))
-    if ".tar" in spec:
-        stream = image_text_shards(spec, transform=transform)
-        return RetrievalData(name or Path(spec.split("{")[0]).parent.name or "shards", _StreamPairs(stream))
-    siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
-    hint = suggest(path.name, siblings) if siblings else ""
-    raise FileNotFoundError(
-        f"retrieval dataset {spec!r} not found{hint}; give a ShapesWorld root, a COCO captions .json "
-        "(with --image-root) or image-text .tar shards"
-    )
-
-
 def evaluate_retrieval(
     model: nn.Module,
     data: RetrievalData,
@@ -182,7 +118,12 @@ def evaluate_retrieval(
         clean = recall_at_k(clean_features @ text_features.t(), text_to_image, ks)
         clean_seconds = time.perf_counter() - tick
         common = dict(
-            model=model_name, task="retrieval", dataset=dataset_name, seed=seed, versions=versions()
+            model=model_name,
+            task="retrieval",
+            dataset=dataset_name,
+            seed=seed,
+            versions=versions(),
+            skipped=data.skipped,
         )
         rows: list[ResultRow] = []
         if not budgets:
@@ -283,11 +224,15 @@ def _rows(
 def _clean_pass(
     model: nn.Module, data: RetrievalData, batch_size: int, limit: int | None, progress: bool
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Clean image features (N, D), the flat caption list and each caption's image index."""
-    features, captions, owner, n_images = [], [], [], 0
+    """Clean image features (N, D), the flat caption list and each caption's image index.
+
+    Sets ``data.skipped``: the samples of this pass left out (unreadable, or without captions).
+    """
+    features, captions, owner, n_images, read = [], [], [], 0, 0
     bar = tqdm(desc=f"{data.name} clean", unit="img", disable=not progress, file=sys.stderr)
     device = _device_of(model)
-    for _, _, images, caption_lists in _batches(data.dataset, batch_size, start=0, limit=limit):
+    for start, end, images, caption_lists in _batches(data.dataset, batch_size, start=0, limit=limit):
+        read += end - start
         if not caption_lists:
             continue
         features.append(_encode_images(model, images.to(device)))
@@ -297,6 +242,7 @@ def _clean_pass(
             n_images += 1
         bar.update(len(caption_lists))
     bar.close()
+    data.skipped = read - n_images + getattr(data.dataset, "skipped_count", 0)  # + those a stream dropped
     image_features = torch.cat(features) if features else torch.empty(0, 0, device=device)
     return image_features, captions, torch.as_tensor(owner, dtype=torch.long, device=device)
 
@@ -459,18 +405,25 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local weights file")
     parser.add_argument("--model-name", default=None, help="short name for the result rows")
     parser.add_argument(
-        "--dataset", required=True, help="ShapesWorld root, COCO captions .json, or .tar shards"
+        "--dataset",
+        required=True,
+        help="ShapesWorld root, COCO captions .json, CLIP_benchmark retrieval dir, wds/<name>, .tar shards",
+    )
+    parser.add_argument(
+        "--dataset-root", default=None, help="root for wds/<name> ({dataset} placeholders allowed)"
     )
     parser.add_argument(
         "--dataset-name", default=None, help="name for the result rows (e.g. coco, flickr30k)"
     )
     parser.add_argument("--image-root", default=None, help="image directory of a COCO captions .json")
     parser.add_argument("--karpathy", default=None, help="Karpathy split file (dataset_coco.json style)")
-    parser.add_argument("--split", default=None, help="Karpathy split to evaluate (ShapesWorld: test)")
+    parser.add_argument(
+        "--split", default=None, help="Karpathy split or CLIP_benchmark split folder (default test)"
+    )
     parser.add_argument(
         "--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets (default {DEFAULT_EPS})"
     )
-    parser.add_argument("--eps-unit", type=float, default=None, help="divide --eps by this, e.g. 255")
+    parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument("--attack", default="apgd", help="apgd (default), pgd or none")
     parser.add_argument("--steps", default="100")
     parser.add_argument("--ks", default="1,5,10", help="recall@k cut-offs")
@@ -485,33 +438,41 @@ def cli(argv: Sequence[str]) -> int:
 
     if args.attack not in ATTACKS:
         raise ConfigError(f"unknown retrieval attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
-    eps_list = parse_eps_list(args.eps, args.eps_unit)  # checked even with --attack none: a typo is a typo
+    # checked even with --attack none: a typo is a typo
+    eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
     ks = [positive_int(k, "--ks") for k in args.ks.split(",") if k.strip()]
     steps = positive_int(args.steps, "--steps")
     batch_size = positive_int(args.batch_size, "--batch-size")
     limit = None if args.limit is None else positive_int(args.limit, "--limit")
+    options.check_model_argument(args.model)
+    out = claim_output(args.out)
+    model_name = args.model_name or options.model_row_name(args.model, args.pretrained)
+    checkpoint = options.model_checkpoint(args.model, args.pretrained)
+    check_model_name(out, model_name, checkpoint)
 
     from dvd.data.transforms import image_transform
     from dvd.models.clip import create_clip
 
     torch.manual_seed(args.seed)  # a randomly initialised model (config JSON) is the same on every rerun
     model = create_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    model_name = args.model_name or short_model_name(args.model, args.pretrained)
     transform = image_transform(model.image_size)
     print(
         f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
         f"{model.image_size}x{model.image_size} input",
         file=sys.stderr,
     )
+    spec, dataset_name = args.dataset, args.dataset_name
+    if spec.startswith("wds/"):  # CLIP_benchmark's naming: wds/flickr30k under --dataset-root
+        dataset_name = dataset_name or spec[len("wds/") :]
+        spec = str(wds_path(spec[len("wds/") :], args.dataset_root))
     data = load_retrieval(
-        args.dataset,
+        spec,
         transform=transform,
         image_root=args.image_root,
         karpathy=args.karpathy,
         split=args.split,
-        name=args.dataset_name,
+        name=dataset_name,
     )
-    out = Path(args.out)
     state_dir = Path(f"{out}.partial")
     rows = evaluate_retrieval(
         model,
@@ -527,7 +488,7 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    write_rows(out, rows)
+    write_rows(out, options.mark_rows(rows, checkpoint))
     remove_states(state_dir, rows, suffix=".safetensors")
     print(format_table(rows))
     print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)

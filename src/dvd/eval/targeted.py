@@ -148,6 +148,7 @@ def evaluate_targeted(
                         seed=seed,
                         flags=[],
                         versions=versions(),
+                        skipped=budget.skipped,
                     )
                 )
     return rows
@@ -192,4 +193,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(rows, options.out, state_dir, options.checkpoint)

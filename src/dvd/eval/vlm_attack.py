@@ -310,13 +310,15 @@ class SampleTask(Protocol):
 @dataclass
 class BudgetResult:
     """The outputs of one budget: ``samples`` (dicts with ``position``, ``outputs`` (clean first) and the
-    task's own fields), the row's ``attack`` name and ``steps``, and the wall time."""
+    task's own fields), the row's ``attack`` name and ``steps``, the wall time and the unreadable samples
+    left out."""
 
     eps: float
     attack: str
     steps: int
     samples: list[dict[str, Any]]
     seconds: float
+    skipped: int = 0
 
 
 def batch_outputs(
@@ -444,7 +446,9 @@ def evaluate_outputs(
                 progress=progress,
                 label=f"{dataset_name} {name} eps={eps_text(eps)}",
             )
-            results.append(BudgetResult(eps, name, budget_steps, state["samples"], state["seconds"]))
+            results.append(
+                BudgetResult(eps, name, budget_steps, state["samples"], state["seconds"], state["skipped"])
+            )
     return results
 
 
@@ -468,7 +472,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, attacks: Sequence[s
     parser.add_argument("--model-name", default=None, help="short name for the result rows")
     parser.add_argument("--dataset-name", default=None, help="dataset name for the result rows")
     parser.add_argument("--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets ({DEFAULT_EPS})")
-    parser.add_argument("--eps-unit", type=float, default=None, help="divide --eps by this, e.g. 255")
+    parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument("--attack", default=attack, help=f"{', '.join(attacks)} (default {attack})")
     parser.add_argument("--steps", default="100", help="APGD iterations per attack run")
     parser.add_argument(
@@ -501,19 +505,28 @@ class CommonOptions:
     limit: int | None
     max_new_tokens: int | None
     out: Path
+    checkpoint: str = ""  # what --model is, as recorded in the rows (dvd.eval.options.model_checkpoint)
 
 
 def parse_common(args: argparse.Namespace, attacks: Sequence[str]) -> CommonOptions:
-    """Check the common options, with one-line errors."""
+    """Check the common options, with one-line errors, and claim the results file (before any work)."""
+    from dvd.eval import options
+    from dvd.eval.output import claim_output
+    from dvd.eval.results import check_model_name
+
     if args.attack not in attacks:
         raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, attacks)}")
     if args.attack_precision not in PRECISIONS:
         raise ConfigError(
             f"unknown attack precision {args.attack_precision!r}{suggest(args.attack_precision, PRECISIONS)}"
         )
-    eps_list = parse_eps_list(args.eps, args.eps_unit)
+    eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
     if args.attack == "none":
         eps_list = [0.0]
+    options.check_model_argument(args.model, kind="VLM")
+    out = claim_output(args.out)
+    checkpoint = options.model_checkpoint(args.model)
+    check_model_name(out, model_name_of(args), checkpoint)
     return CommonOptions(
         eps_list=sorted(set(eps_list)),
         attack=args.attack,
@@ -524,7 +537,8 @@ def parse_common(args: argparse.Namespace, attacks: Sequence[str]) -> CommonOpti
         max_new_tokens=None
         if args.max_new_tokens is None
         else positive_int(args.max_new_tokens, "--max-new-tokens"),
-        out=Path(args.out),
+        out=out,
+        checkpoint=checkpoint,
     )
 
 
@@ -537,6 +551,8 @@ def broken_at(value: float) -> float:
 
 def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguageModel:
     """A dvd checkpoint directory (``dvd_vlm.json``) via ``load_vlm``, else an HF LLaVA name or directory."""
+    from dvd.eval.options import check_model_argument
+
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -547,6 +563,7 @@ def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguage
         raise ConfigError(f"--device {device} but no CUDA device is available; use --device cpu")
     path = Path(spec)
     torch_dtype = None if dtype == "fp32" else DTYPES[dtype]
+    check_model_argument(spec, kind="VLM")
     if (path / "dvd_vlm.json").is_file():
         from dvd.models.vlm import load_vlm
 
@@ -564,13 +581,15 @@ def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguage
 
 
 def model_name_of(args: argparse.Namespace) -> str:
-    from dvd.eval.zeroshot import short_model_name
+    """The rows' ``model``: ``--model-name``, else the checkpoint's own name (never a folder like final)."""
+    from dvd.eval.options import model_row_name
 
-    return args.model_name or short_model_name(args.model)
+    return args.model_name or model_row_name(args.model)
 
 
-def finish(rows: list[Any], out: Path, state_dir: Path) -> int:
-    """Merge ``rows`` into ``out``, drop their resumable states, print the table."""
+def finish(rows: list[Any], out: Path, state_dir: Path, checkpoint: str = "") -> int:
+    """Merge ``rows`` (of the model loaded from ``checkpoint``) into ``out``, drop their states, print."""
+    from dvd.eval.options import mark_rows
     from dvd.eval.results import flag_rising_robustness, format_table, remove_states, write_rows
 
     groups: dict[tuple[str, str, str], list[Any]] = {}
@@ -579,7 +598,7 @@ def finish(rows: list[Any], out: Path, state_dir: Path) -> int:
             groups.setdefault((row.dataset, row.metric, row.attack), []).append(row)
     for group in groups.values():
         flag_rising_robustness(group)
-    write_rows(out, rows)
+    write_rows(out, mark_rows(rows, checkpoint))
     remove_states(state_dir, rows)
     print(format_table(rows))
     print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)

@@ -10,19 +10,22 @@ space, periods go unless a digit follows, the text is lowercased, number words b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.output import check_output_path
+from dvd.eval.results import ResultRow, state_path
+from dvd.io import versions, write_json
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
 
-__all__ = ["evaluate_vqa", "normalize_answer", "ranked_answers", "vqa_accuracy"]
+__all__ = ["evaluate_vqa", "normalize_answer", "ranked_answers", "vqa_accuracy", "vqa_predictions"]
 
 # Punctuation handled by the official script; `'` (contractions), `:` and `.` (see below) are not in it.
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
@@ -230,9 +233,51 @@ def evaluate_vqa(
                 seed=seed,
                 flags=[],
                 versions=versions(),
+                skipped=budget.skipped,
             )
         )
     return rows
+
+
+def vqa_predictions(
+    model: VisionLanguageModel,
+    data: Any,
+    *,
+    suffix: str = SHORT_ANSWER,
+    max_new_tokens: int = 10,
+    batch_size: int = 8,
+    limit: int | None = None,
+    seed: int = 0,
+    model_name: str = "model",
+    dataset_name: str = "vqav2",
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Clean greedy answers in VQAv2's submission format, ``[{"question_id": ..., "answer": ...}]``: what a
+    test split without public answers (test-dev, test-std) is scored from, by its evaluation server."""
+    from dvd.eval import vlm_attack as va
+
+    (budget,) = va.evaluate_outputs(
+        model,
+        data,
+        _VQA(suffix),
+        task_name="vqa-predictions",
+        eps_list=[0.0],
+        attack="none",
+        stages=[],
+        steps=0,
+        broken_at=0.0,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        seed=seed,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        state_dir=state_dir,
+        progress=progress,
+        settings={"suffix": suffix},
+    )
+    return [{"question_id": s["question_id"], "answer": s["outputs"][0].strip()} for s in budget.samples]
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -246,8 +291,21 @@ def cli(argv: Sequence[str]) -> int:
     va.add_common_arguments(parser, attacks=VQA_ATTACKS, attack="ensemble")
     parser.add_argument("--data", default=None, help="a ShapesWorld root (vqa/, images/)")
     parser.add_argument("--questions", default=None, help="VQAv2 questions JSON")
-    parser.add_argument("--annotations", default=None, help="VQAv2 annotations JSON (the human answers)")
+    parser.add_argument(
+        "--annotations", default=None, help="VQAv2 annotations JSON (the human answers); none for test-dev"
+    )
     parser.add_argument("--images", default=None, help="image root")
+    parser.add_argument(
+        "--image-pattern",
+        default=None,
+        help="image file name from its id, e.g. 'COCO_test2015_{image_id:012d}.jpg' (default: found)",
+    )
+    parser.add_argument(
+        "--predictions",
+        default=None,
+        help="write the clean answers here in VQAv2's submission format (a clean pass of its own; "
+        "needed without --annotations)",
+    )
     parser.add_argument("--references", default="5", help="most frequent answers attacked per question")
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help="targeted answers of the ensemble ('' for none)"
@@ -262,20 +320,60 @@ def cli(argv: Sequence[str]) -> int:
         root = Path(args.data)
         questions, annotations = root / "vqa" / "questions.json", root / "vqa" / "annotations.json"
         images, name = Path(args.images) if args.images else root / "images", "shapesworld/vqa"
-    elif args.questions and args.annotations and args.images:
-        questions, annotations, images, name = (
-            Path(args.questions),
-            Path(args.annotations),
-            Path(args.images),
-            "vqav2",
-        )
+    elif args.questions and args.images:
+        questions, images, name = Path(args.questions), Path(args.images), "vqav2"
+        annotations = Path(args.annotations) if args.annotations else None
     else:
-        raise ConfigError("give --data SHAPESWORLD_ROOT, or --questions, --annotations and --images")
+        raise ConfigError("give --data SHAPESWORLD_ROOT, or --questions and --images (and --annotations)")
     for path in (questions, annotations):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
+    predictions = Path(args.predictions) if args.predictions else None
+    if predictions is not None:
+        check_output_path(predictions, "--predictions")
+    if annotations is None and predictions is None:
+        raise ConfigError(
+            "without --annotations there are no answers to score: give --predictions FILE to write the "
+            "clean answers in VQAv2's submission format"
+        )
+    if annotations is None and options.attack != "none":
+        raise ConfigError(
+            f"--attack {options.attack} needs the human answers (--annotations); without them only the "
+            "clean answers are written: pass --attack none"
+        )
     model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = VQAv2(questions, annotations, images, transform=image_transform(model.image_size))
+    data = VQAv2(
+        questions,
+        annotations,
+        images,
+        transform=image_transform(model.image_size),
+        image_pattern=args.image_pattern,
+    )
+    dataset_name = args.dataset_name or name
+    if predictions is not None:
+        answers = vqa_predictions(
+            model,
+            data,
+            suffix=args.suffix,
+            max_new_tokens=options.max_new_tokens or 10,
+            batch_size=options.batch_size,
+            limit=options.limit,
+            seed=args.seed,
+            model_name=va.model_name_of(args),
+            dataset_name=dataset_name,
+            state_dir=Path(f"{options.out}.partial"),
+            progress=not args.no_progress,
+        )
+        write_json(predictions, answers)
+        done = state_path(Path(f"{options.out}.partial"), task="vqa-predictions",
+                          model=va.model_name_of(args), dataset=dataset_name, attack="none", steps=0,
+                          eps=0.0)  # fmt: skip
+        done.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            done.parent.rmdir()
+        print(f"wrote {len(answers)} clean answers to {predictions} (VQAv2's format)", file=sys.stderr)
+        if annotations is None:
+            return 0
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_vqa(
         model,
@@ -293,8 +391,8 @@ def cli(argv: Sequence[str]) -> int:
         limit=options.limit,
         seed=args.seed,
         model_name=va.model_name_of(args),
-        dataset_name=args.dataset_name or name,
+        dataset_name=dataset_name,
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(rows, options.out, state_dir, options.checkpoint)

@@ -26,8 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dvd.config import ConfigError, parse_eps_list, positive_int, suggest
+from dvd.eval import options
+from dvd.eval.output import claim_output
 from dvd.eval.results import (
     ResultRow,
+    check_model_name,
     eps_text,
     flag_rising_robustness,
     format_table,
@@ -269,6 +272,9 @@ class _Budget:
                 save_state(path, state)
                 bar.update(next_position - position)
                 bar.set_postfix(clean=f"{_mean(clean):.3f}", robust=f"{_mean(robust):.3f}" if robust else "-")
+            # a stream drops unreadable samples itself (counted by this process's pass when workers == 0)
+            dropped = getattr(self.data.dataset, "skipped_count", 0)
+            state["stream_skipped"] = dropped if self.workers == 0 else 0
             state["finished"] = True
             save_state(path, state)
         bar.close()
@@ -289,6 +295,7 @@ class _Budget:
             seed=self.seed,
             flags=sorted(flags),
             versions=versions(),
+            skipped=state["skipped"] + state.get("stream_skipped", 0),
         )
 
     def _evaluate_batch(
@@ -370,7 +377,7 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets (default {DEFAULT_EPS})"
     )
-    parser.add_argument("--eps-unit", type=float, default=None, help="divide --eps by this, e.g. 255")
+    parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument(
         "--attack", default="apgd-ce", help="apgd-ce (default), aa (apgd-ce + apgd-t), pgd, none"
     )
@@ -395,11 +402,17 @@ def cli(argv: Sequence[str]) -> int:
         raise ConfigError("give --dataset (repeatable) or --protocol robustvlm|dvd")
     if args.attack not in ATTACKS:
         raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
-    eps_list = parse_eps_list(args.eps, args.eps_unit)  # checked even with --attack none: a typo is a typo
+    # checked even with --attack none: a typo is a typo
+    eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
     steps = positive_int(args.steps, "--steps")
     batch_size = positive_int(args.batch_size, "--batch-size")
     limit = None if args.limit is None else positive_int(args.limit, "--limit")
-    workers = int(args.workers)
+    workers = options.workers(args.workers)
+    options.check_model_argument(args.model)
+    out = claim_output(args.out)
+    model_name = args.model_name or options.model_row_name(args.model, args.pretrained, args.vision_weights)
+    checkpoint = options.model_checkpoint(args.model, args.pretrained, args.vision_weights)
+    check_model_name(out, model_name, checkpoint)
 
     from dvd.data.transforms import image_transform
     from dvd.models.clip import create_clip
@@ -412,14 +425,12 @@ def cli(argv: Sequence[str]) -> int:
         precision=args.precision,
         vision_weights=args.vision_weights,
     )
-    model_name = args.model_name or short_model_name(args.model, args.pretrained, args.vision_weights)
     transform = image_transform(model.image_size)
     print(
         f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
         f"{model.image_size}x{model.image_size} input",
         file=sys.stderr,
     )
-    out = Path(args.out)
     state_dir = Path(f"{out}.partial")
     all_rows: list[ResultRow] = []
     for spec in args.dataset:
@@ -442,7 +453,7 @@ def cli(argv: Sequence[str]) -> int:
                 workers=workers,
                 progress=not args.no_progress,
             )
-            write_rows(out, rows)
+            write_rows(out, options.mark_rows(rows, checkpoint))
             all_rows += rows
     remove_states(state_dir, all_rows)  # every (dataset, eps) of this run is in the results file now
     print(format_table(all_rows))
@@ -458,7 +469,7 @@ def resolve_datasets(
 
     if spec.startswith("wds/"):
         name = spec[len("wds/") :]
-        path = _wds_path(name, root)
+        path = wds_path(name, root)
         return [(name, load_zeroshot(path, transform=transform, split=split))]
     path = Path(spec)
     if path.is_dir() and (path / "zeroshot").is_dir():  # a ShapesWorld root: every zero-shot task
@@ -477,17 +488,7 @@ def resolve_datasets(
     )
 
 
-def short_model_name(model: str, pretrained: str | None = None, vision_weights: str | None = None) -> str:
-    """A row-friendly name: the checkpoint directory / config stem / hub repo, the pretrained tag, and
-    the vision-tower file (``ViT-L-14-openai+fare_eps_4``)."""
-    base = model.rstrip("/").split("/")[-1]
-    base = base[: -len(".json")] if base.endswith(".json") else base
-    if pretrained:
-        base += "-" + Path(pretrained).stem if Path(pretrained).exists() else f"-{pretrained}"
-    return base + (f"+{Path(vision_weights).stem}" if vision_weights else "")
-
-
-def _wds_path(name: str, root: str | None) -> Path:
+def wds_path(name: str, root: str | None) -> Path:
     """CLIP_benchmark style: ``--dataset-root`` with ``{dataset}``/``{dataset_cleaned}``, or a parent dir."""
     if root is None:
         raise ConfigError(

@@ -28,8 +28,10 @@ from dvd.config import ConfigError, positive_int, suggest
 from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
 from dvd.data.zeroshot import ZeroShotData, class_label, load_zeroshot
-from dvd.eval.results import ResultRow, eps_text, read_rows, remove_states, write_rows
-from dvd.eval.zeroshot import DEFAULT_EPS, evaluate_zeroshot, short_model_name
+from dvd.eval import options
+from dvd.eval.output import claim_output
+from dvd.eval.results import ResultRow, check_model_name, eps_text, read_rows, remove_states, write_rows
+from dvd.eval.zeroshot import DEFAULT_EPS, evaluate_zeroshot
 from dvd.models.clip import create_clip
 
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
@@ -202,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
     limit = None if args.limit is None else positive_int(args.limit, "--limit")
     batch_size = positive_int(args.batch_size, "--batch-size")
     suite = plan(protocol, args.dataset_root, skip_missing=args.skip_missing)  # before loading a model
+    options.check_model_argument(args.model)
+    out = claim_output(args.out)
+    model_name = args.model_name or options.model_row_name(args.model, args.pretrained, args.vision_weights)
+    checkpoint = options.model_checkpoint(args.model, args.pretrained, args.vision_weights)
+    check_model_name(out, model_name, checkpoint)
     torch.manual_seed(args.seed)
     model = create_clip(
         args.model,
@@ -210,8 +217,6 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         vision_weights=args.vision_weights,
     )
-    model_name = args.model_name or short_model_name(args.model, args.pretrained, args.vision_weights)
-    out = Path(args.out)
     state_dir = Path(f"{out}.partial")
     rows: list[ResultRow] = []
     for name, samples, path in suite:
@@ -241,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             check=False,
             progress=not args.no_progress,
         )
+        found = options.mark_rows(found, checkpoint)
         write_rows(out, found)
         remove_states(state_dir, found)
         rows += found
