@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
@@ -322,14 +323,15 @@ class CaptionSource:
     name: str
     prompt: str
 
-    def load(self, image_size: int) -> Any:
+    def load(self, image_size: int, transform: Any = None) -> Any:
+        """The reader; ``transform`` (e.g. the model's own LLaVA preprocessing) or open_clip's."""
         from dvd.data.captions import CocoCaptions
         from dvd.data.transforms import image_transform
 
         return CocoCaptions(
             self.annotations,
             self.images,
-            transform=image_transform(image_size),
+            transform=transform or image_transform(image_size),
             karpathy_json=self.karpathy,
             split=self.split,
         )
@@ -520,8 +522,8 @@ def cli(argv: Sequence[str]) -> int:
     options = va.parse_common(args, CAPTION_ATTACKS)
     n_references = positive_int(args.references, "--references")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = source.load(model.image_size)
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    data = source.load(model.image_size, model_transform(model))
     print(f"caption prompt: {source.prompt!r}", file=sys.stderr)
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_captioning(

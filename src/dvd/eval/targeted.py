@@ -17,6 +17,7 @@ from typing import Any
 
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["canonical_target", "evaluate_targeted", "target_outcome"]
@@ -172,8 +173,8 @@ def cli(argv: Sequence[str]) -> int:
     if not args.target or not all(t.strip() for t in args.target):
         raise ValueError("give at least one non-empty --target TEXT")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = source.load(model.image_size)
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    data = source.load(model.image_size, model_transform(model))
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_targeted(
         model,

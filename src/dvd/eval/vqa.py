@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
@@ -238,7 +239,6 @@ def evaluate_vqa(
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval vqa``: VQAv2 accuracy of a VLM, clean and under attack."""
     from dvd.config import ConfigError, positive_int
-    from dvd.data.transforms import image_transform
     from dvd.data.vqa import VQAv2
     from dvd.eval import vlm_attack as va
 
@@ -274,8 +274,8 @@ def cli(argv: Sequence[str]) -> int:
     for path in (questions, annotations):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = VQAv2(questions, annotations, images, transform=image_transform(model.image_size))
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    data = VQAv2(questions, annotations, images, transform=model_transform(model))
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_vqa(
         model,

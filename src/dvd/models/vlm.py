@@ -440,6 +440,10 @@ def load_vlm(
 
     Only safetensors weights are read; a directory holding pickled weights is refused.
     """
+    from dvd.models.llava_original import is_llava_original, load_llava_original  # it imports this module
+
+    if is_llava_original(directory):
+        return load_llava_original(directory, device=device, dtype=dtype)
     directory = Path(directory)
     recipe = read_json(directory / RECIPE_NAME)
     if recipe.get("format") != FORMAT:
