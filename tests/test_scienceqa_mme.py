@@ -255,6 +255,7 @@ def test_mme_command_writes_subtask_rows_and_the_perception_score(world, checkpo
     subtask_scores = [r.clean for r in rows if r.metric == "score"]
     assert perception.clean == pytest.approx(sum(subtask_scores))
     assert all(r.task == "mme" and r.attack == "none" and r.adversarial is None for r in rows)
+    assert {(r.protocol, r.template) for r in rows} == {(None, "vicuna_v1_short")}
 
 
 def test_mme_rows_follow_the_answers(world, checkpoint, monkeypatch):

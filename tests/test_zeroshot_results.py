@@ -30,7 +30,7 @@ def test_rows_have_exactly_the_design_keys_in_order() -> None:
     assert tuple(row().to_dict()) == ROW_KEYS
     assert ROW_KEYS == (
         "model", "task", "dataset", "metric", "attack", "eps", "steps",
-        "clean", "adversarial", "n", "seconds", "seed", "flags", "versions",
+        "clean", "adversarial", "n", "seconds", "seed", "flags", "versions", "protocol", "template",
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
 from dvd.models.llava_preprocess import model_transform
@@ -511,6 +512,7 @@ def cli(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="dvd eval caption", description=cli.__doc__)
     va.add_common_arguments(parser, attacks=CAPTION_ATTACKS, attack="ensemble")
     add_caption_data_arguments(parser)
+    vp.add_protocol_arguments(parser)
     parser.add_argument("--references", default="5", help="reference captions attacked per image (ensemble)")
     parser.add_argument(
         "--broken-at",
@@ -519,11 +521,13 @@ def cli(argv: Sequence[str]) -> int:
         help="images whose CIDEr falls to this are not attacked further (RobustVLM: 10 on the x100 scale)",
     )
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "caption")
     options = va.parse_common(args, CAPTION_ATTACKS)
     n_references = positive_int(args.references, "--references")
     source = caption_source(args)
     model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
-    data = source.load(model.image_size, model_transform(model))
+    vp.use_template(model, args.template)
+    data = vp.protocol_subset(protocol, source.load(model.image_size, model_transform(model)))
     print(f"caption prompt: {source.prompt!r}", file=sys.stderr)
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_captioning(
@@ -545,4 +549,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)

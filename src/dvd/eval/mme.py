@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dvd.data.mme import COGNITION, MME, PERCEPTION
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
 from dvd.models.llava_preprocess import model_transform
@@ -159,7 +160,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--mme", default=None, help="MME_Benchmark_release_version (subtask folders)")
     parser.add_argument("--subtasks", default=None, help="comma-separated subtask folders (default: all)")
     parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
+    vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "mme")
     options = va.parse_common(args, ("none",))
     if args.data is not None:
         root, name = Path(args.data) / "mme", "shapesworld/mme"
@@ -169,6 +172,7 @@ def cli(argv: Sequence[str]) -> int:
         raise ConfigError("give --data SHAPESWORLD_ROOT or --mme MME_Benchmark_release_version")
     subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip()) if args.subtasks else None
     model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    vp.use_template(model, args.template)
     data = MME(root, transform=model_transform(model), subtasks=subtasks)
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_mme(
@@ -184,4 +188,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)

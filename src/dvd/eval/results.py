@@ -33,7 +33,10 @@ ROW_KEYS = (
     "seed",
     "flags",
     "versions",
+    "protocol",
+    "template",
 )
+OPTIONAL_ROW_KEYS = ("protocol", "template")  # rows written before they existed lack them
 
 
 @dataclasses.dataclass
@@ -58,6 +61,8 @@ class ResultRow:
     seed: int
     flags: list[str] = dataclasses.field(default_factory=list)
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    protocol: str | None = None  # the named evaluation preset (e.g. "robustvlm"), if any
+    template: str | None = None  # a VLM's chat template
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -69,10 +74,10 @@ class ResultRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "row") -> ResultRow:
-        missing = [k for k in ROW_KEYS if k not in data]
+        missing = [k for k in ROW_KEYS if k not in data and k not in OPTIONAL_ROW_KEYS]
         if missing:
             raise ValueError(f"{source} lacks result keys {', '.join(missing)}; was it written by dvd?")
-        return cls(**{k: data[k] for k in ROW_KEYS})
+        return cls(**{k: data[k] for k in ROW_KEYS if k in data})
 
 
 def read_rows(path: str | Path) -> list[ResultRow]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dvd.data.scienceqa import is_correct, scienceqa_split
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
 from dvd.models.llava_preprocess import model_transform
@@ -189,7 +190,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--questions", default=None, help=f"LLaVA's ScienceQA file, e.g. {QUESTIONS_FILE}")
     parser.add_argument("--images", default=None, help="its image folder (scienceqa/images/test)")
     parser.add_argument("--instruction", default=SCIENCEQA_PROMPT, help="appended on a new line")
+    vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "scienceqa")
     options = va.parse_common(args, SCIENCEQA_ATTACKS)
     if args.data is not None:
         root = Path(args.data)  # ShapesWorld's JSON files name images relative to DIR/images
@@ -200,6 +203,7 @@ def cli(argv: Sequence[str]) -> int:
     else:
         raise ConfigError("give --data SHAPESWORLD_ROOT, or --questions FILE and --images DIR")
     model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    vp.use_template(model, args.template)
     image_questions, text_questions = scienceqa_split(questions, images, transform=model_transform(model))
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_scienceqa(
@@ -220,4 +224,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)

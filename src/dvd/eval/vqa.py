@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
 from dvd.models.llava_preprocess import model_transform
@@ -254,11 +255,18 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--broken-at", type=float, default=0.0, help="questions at this accuracy are done")
     parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
+    parser.add_argument("--textvqa", default=None, help="TextVQA's JSON (TextVQA_0.5.1_val.json) + --images")
+    vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "vqa", "textvqa" if args.textvqa else "")
     options = va.parse_common(args, VQA_ATTACKS)
     n_references = positive_int(args.references, "--references")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if args.data is not None:
+    textvqa = None
+    if args.textvqa is not None and args.images:
+        questions, annotations, textvqa, name = Path(args.textvqa), Path(args.textvqa), True, "textvqa"
+        images = Path(args.images)
+    elif args.data is not None:
         root = Path(args.data)
         questions, annotations = root / "vqa" / "questions.json", root / "vqa" / "annotations.json"
         images, name = Path(args.images) if args.images else root / "images", "shapesworld/vqa"
@@ -275,7 +283,14 @@ def cli(argv: Sequence[str]) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
     model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
-    data = VQAv2(questions, annotations, images, transform=model_transform(model))
+    vp.use_template(model, args.template)
+    if textvqa:
+        from dvd.data.textvqa import TextVQA
+
+        data = TextVQA(questions, images, transform=model_transform(model))
+    else:
+        data = VQAv2(questions, annotations, images, transform=model_transform(model))
+    data = vp.protocol_subset(protocol, data)
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_vqa(
         model,
@@ -297,4 +312,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)
