@@ -7,7 +7,10 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import constants
 from peft import LoraConfig, get_peft_model
+from PIL import Image
+from transformers import CLIPVisionModel
 
 from _llava_layouts import (
     IMAGE_SIZE,
@@ -20,15 +23,21 @@ from _llava_layouts import (
     write_full,
     write_sharded,
 )
+from dvd.cli import main
 from dvd.config import ConfigError
+from dvd.data.shapesworld import Scene, generate
+from dvd.data.shapesworld_reasoning import write_reasoning_sets
+from dvd.eval.results import read_rows
 from dvd.eval.vlm_attack import load_model
+from dvd.models.clip import create_clip, save_clip
 from dvd.models.llava_original import (
     checkpoint_layout,
     is_llava_original,
     load_llava_original,
     read_weights,
 )
-from dvd.models.vlm import load_vlm
+from dvd.models.llava_preprocess import model_transform
+from dvd.models.vlm import load_vlm, vision_tower_from_clip
 from dvd.models.vlm_hf import load_hf_llava
 
 PROMPTS = ["What color is the circle?", "Provide a short caption for this image."]
@@ -69,6 +78,11 @@ def test_full_llava_15_layout_equals_its_llava_hf_conversion(tmp_path, safetenso
     oracle = load_hf_llava(str(to_llava_hf(tmp_path / "hf", state, lm.config, clip_dir, tok)))
     assert ours.template.name == "vicuna_v1" == oracle.template.name
     assert_same_model(ours, oracle)
+    wide = Image.new("RGB", (64, 32), (255, 255, 255))  # image_aspect_ratio "pad": mean-colour margins
+    pixels = model_transform(ours)(wide)
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.allclose(pixels[:, 0, 0], torch.tensor([122, 116, 104]) / 255, atol=1e-6)
+    assert torch.allclose(pixels[:, IMAGE_SIZE // 2, 0], torch.ones(3))
 
 
 def test_trained_tower_weights_in_the_checkpoint_replace_the_named_towers(tmp_path):
@@ -76,8 +90,6 @@ def test_trained_tower_weights_in_the_checkpoint_replace_the_named_towers(tmp_pa
     lm = llama(tok)
     clip_dir = clip_tower_dir(tmp_path)
     tuned = clip_tower_dir(tmp_path / "tuned", seed=7)  # stands for adversarially tuned tower weights
-    from transformers import CLIPVisionModel
-
     tower_state = CLIPVisionModel.from_pretrained(tuned).state_dict()
     state = write_full(tmp_path / "ckpt", lm, tok, str(clip_dir), safetensors=True, tower_state=tower_state)
     ours = load_llava_original(tmp_path / "ckpt")
@@ -146,9 +158,6 @@ def test_projector_only_checkpoint_on_a_base_equals_llava_hf(tmp_path):
 
 def test_open_clip_tower_with_trained_weights_from_non_lora_trainables(tmp_path):
     """Δ²LLaVA's shape: ``mm_vision_tower = open_clip:...`` and the tuned tower in non_lora_trainables."""
-    from dvd.models.clip import create_clip, save_clip
-    from dvd.models.vlm import vision_tower_from_clip
-
     tok = tokenizer()
     torch.manual_seed(5)
     clip_dir = save_clip(create_clip("dvd-tiny-vit"), tmp_path / "delta-clip-tiny")
@@ -207,9 +216,10 @@ def test_unsupported_settings_are_one_line_errors(tmp_path):
         ({"mm_projector_type": "linear"}, "mm_projector_type"),
         ({"image_aspect_ratio": "anyres"}, "anyres"),
         ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
+        ({"mm_hidden_size": 48}, "mm_hidden_size"),
     ]:
         config_path.write_text(json.dumps({**config, **change}))
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises((ConfigError, ValueError), match=message):
             load_llava_original(tmp_path / "ckpt")
     config_path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="drop --model-base"):
@@ -218,8 +228,6 @@ def test_unsupported_settings_are_one_line_errors(tmp_path):
 
 def test_hub_names_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     """``--model liuhaotian/llava-v1.5-7b`` reads the cached snapshot (huggingface_hub's layout)."""
-    from huggingface_hub import constants
-
     tok = tokenizer()
     cache = tmp_path / "hub"
     repo = cache / "models--liuhaotian--llava-v1.5-tiny"
@@ -235,3 +243,20 @@ def test_hub_names_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     model = load_model("liuhaotian/llava-v1.5-tiny", device="cpu")
     assert model.llava_layout == "full"
     assert load_vlm(snapshot).llava_layout == "full"  # dvd's own loader takes the layout too
+
+
+def test_a_lora_release_runs_through_a_dvd_eval_command(tmp_path):
+    """``dvd eval mme --model LORA_DIR --model-base BASE`` end to end, rows naming the template."""
+    world = tmp_path / "world"
+    generate(world, size=20, eval_size=4, image_size=IMAGE_SIZE)
+    scenes = json.loads((world / "images" / "scenes.json").read_text())
+    tests = [s for s in scenes if s["file_name"].startswith("test/")]
+    held_out = [(s["image_id"], s["file_name"], Scene.from_json(s)) for s in tests]
+    write_reasoning_sets(world, 0, held_out)
+    tok = tokenizer()
+    base_dir, lora_dir, _, _ = lora_release(tmp_path, tok, clip_tower_dir(tmp_path), adapter_bin=False)
+    out = tmp_path / "rows.json"
+    args = ["eval", "mme", "--model", str(lora_dir), "--model-base", str(base_dir), "--data", str(world)]
+    assert main([*args, "--out", str(out), "--no-progress", "--max-new-tokens", "2"]) == 0
+    rows = read_rows(out)
+    assert rows and {(r.model, r.template) for r in rows} == {("delta2-llava-tiny-lora", "vicuna_v1")}

@@ -249,7 +249,7 @@ def build_vision_tower(
         raise ConfigError(f"mm_vision_select_feature {select!r} is not supported (use patch or cls_patch)")
     prefix = next((p for p in OPEN_CLIP_PREFIXES if name.startswith(p)), None)
     if prefix is not None:
-        from dvd.models.clip import create_clip
+        from dvd.models.clip import create_clip  # deferred as in dvd.models.vlm; open_clip towers only
 
         if select != "patch":
             raise ConfigError("an open_clip tower gives patch tokens only (mm_vision_select_feature patch)")
@@ -298,6 +298,10 @@ def build_projector(
             f"projector weights {sorted(weights)} do not match mlp2x_gelu's {sorted(expected)} "
             f"(keys {PROJECTOR_PREFIX}0/2.weight/bias)"
         )
+    shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in weights.items()}
+    if given != shapes:
+        raise ValueError(f"projector weights have shapes {given}; mm_hidden_size and the LM say {shapes}")
     projector.load_state_dict(dict(weights))
     return projector
 
@@ -393,7 +397,7 @@ def load_llava_original(
 
 def _merge_lora(lm: PreTrainedModel, directory: Path) -> PreTrainedModel:
     """The PEFT adapter in ``directory`` merged into ``lm`` (peft reads ``.bin`` with weights_only)."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: only LoRA releases need peft
 
     if not any((directory / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise FileNotFoundError(f"{directory}: adapter_config.json but no adapter_model.safetensors/.bin")
