@@ -189,6 +189,8 @@ def test_eval_model_loader_dispatches_original_layouts_and_needs_the_base(tmp_pa
     assert model.llava_layout == "lora"
     with pytest.raises(ConfigError, match="--model-base"):
         load_model(str(lora_dir), device="cpu")
+    with pytest.raises(ConfigError, match="--model-base applies to"):
+        load_model(str(base_dir), device="cpu", model_base=str(base_dir))  # a plain LM is no LLaVA release
 
 
 class Payload:

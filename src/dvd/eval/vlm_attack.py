@@ -551,12 +551,14 @@ def load_model(
         raise ConfigError(f"--device {device} but no CUDA device is available; use --device cpu")
     path = Path(spec)
     torch_dtype = None if dtype == "fp32" else DTYPES[dtype]
+    from dvd.models.llava_original import is_llava_original, load_llava_original
+
+    if model_base is not None and not is_llava_original(spec):
+        raise ConfigError(f"--model-base applies to LoRA / projector-only LLaVA releases, not {spec}")
     if (path / "dvd_vlm.json").is_file():
         from dvd.models.vlm import load_vlm
 
         return load_vlm(path, device=device, dtype=torch_dtype)
-    from dvd.models.llava_original import is_llava_original, load_llava_original
-
     if is_llava_original(spec):
         return load_llava_original(spec, model_base=model_base, device=device, dtype=torch_dtype)
     if path.exists() and not (path / "config.json").is_file():
