@@ -14,6 +14,7 @@ byte-identical for a seed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from dvd.data.scienceqa import OPTIONS
 from dvd.data.shapesworld import NUMBER_WORDS, POSITION_PHRASES, SPEC, Scene, plural, scene_rng
-from dvd.data.shapesworld_formats import json_bytes, write_bytes
+from dvd.io import atomic_write
 
 SCIENCEQA, MME = 60, 61
 SCIENCEQA_FILE = "scienceqa/llava_test_CQM-A.json"
@@ -109,6 +110,11 @@ def mme_questions(image_id: int, scene: Scene, seed: int) -> dict[str, list[tupl
     return out
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically (not the world writer's helper: that module imports this one)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
 def write_reasoning_sets(
     root: str | Path, seed: int, test_scenes: Sequence[tuple[int, str, Scene]]
 ) -> dict[str, int]:
@@ -116,7 +122,7 @@ def write_reasoning_sets(
     ``{file: records}`` for the world's summary."""
     root = Path(root)
     entries = [scienceqa_entry(i, name, scene, seed) for i, name, scene in test_scenes]
-    write_bytes(root / SCIENCEQA_FILE, json_bytes(entries, indent=1))
+    write_bytes(root / SCIENCEQA_FILE, (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode())
     records = {SCIENCEQA_FILE: len(entries)}
     counts = dict.fromkeys(MME_SUBTASKS, 0)
     for image_id, name, scene in test_scenes:
