@@ -31,6 +31,7 @@ def test_rows_have_exactly_the_design_keys_in_order() -> None:
     assert ROW_KEYS == (
         "model", "task", "dataset", "metric", "attack", "eps", "steps",
         "clean", "adversarial", "n", "seconds", "seed", "flags", "versions", "skipped", "checkpoint",
+        "protocol", "template",
     )  # fmt: skip
 
 

@@ -25,6 +25,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "vqa"): ("dvd.eval.vqa", "VQA accuracy, clean and under attack"),
     ("eval", "pope"): ("dvd.eval.pope", "POPE hallucination metrics"),
     ("eval", "targeted"): ("dvd.eval.targeted", "targeted attacks on a VLM's output"),
+    ("eval", "scienceqa"): ("dvd.eval.scienceqa", "ScienceQA accuracy, clean and under attack"),
+    ("eval", "mme"): ("dvd.eval.mme", "MME yes/no perception and cognition scores"),
     ("attack",): ("dvd.eval.attack_images", "attack given images and save the adversarial PNGs"),
 }
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
@@ -322,14 +324,15 @@ class CaptionSource:
     name: str
     prompt: str
 
-    def load(self, image_size: int) -> Any:
+    def load(self, image_size: int, transform: Any = None) -> Any:
+        """The reader; ``transform`` (e.g. the model's own LLaVA preprocessing) or open_clip's."""
         from dvd.data.captions import CocoCaptions
         from dvd.data.transforms import image_transform
 
         return CocoCaptions(
             self.annotations,
             self.images,
-            transform=image_transform(image_size),
+            transform=transform or image_transform(image_size),
             karpathy_json=self.karpathy,
             split=self.split,
         )
@@ -510,6 +513,7 @@ def cli(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="dvd eval caption", description=cli.__doc__)
     va.add_common_arguments(parser, attacks=CAPTION_ATTACKS, attack="ensemble")
     add_caption_data_arguments(parser)
+    vp.add_protocol_arguments(parser)
     parser.add_argument("--references", default="5", help="reference captions attacked per image (ensemble)")
     parser.add_argument(
         "--broken-at",
@@ -518,11 +522,13 @@ def cli(argv: Sequence[str]) -> int:
         help="images whose CIDEr falls to this are not attacked further (RobustVLM: 10 on the x100 scale)",
     )
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "caption")
     options = va.parse_common(args, CAPTION_ATTACKS)
     n_references = positive_int(args.references, "--references")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = source.load(model.image_size)
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    vp.use_template(model, args.template)
+    data = vp.protocol_subset(protocol, source.load(model.image_size, model_transform(model)))
     print(f"caption prompt: {source.prompt!r}", file=sys.stderr)
     state_dir = Path(f"{options.out}.partial")
     rows = evaluate_captioning(
@@ -544,4 +550,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir, options.checkpoint)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)

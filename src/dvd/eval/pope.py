@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
@@ -181,7 +182,6 @@ def cli(argv: Sequence[str]) -> int:
     """``dvd eval pope``: POPE hallucination metrics per split, clean and optionally under attack."""
     from dvd.config import ConfigError
     from dvd.data.pope import Pope
-    from dvd.data.transforms import image_transform
     from dvd.eval import vlm_attack as va
 
     parser = argparse.ArgumentParser(prog="dvd eval pope", description=cli.__doc__)
@@ -205,8 +205,8 @@ def cli(argv: Sequence[str]) -> int:
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such POPE file")
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    transform = image_transform(model.image_size)
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    transform = model_transform(model)
     state_dir = Path(f"{options.out}.partial")
     rows = []
     for path in files:

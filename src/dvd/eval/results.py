@@ -38,8 +38,11 @@ ROW_KEYS = (
     "versions",
     "skipped",
     "checkpoint",
+    "protocol",
+    "template",
 )
-OPTIONAL_KEYS = {"skipped": 0, "checkpoint": ""}  # rows written before these existed read with these
+# rows written before these keys existed read with these values
+OPTIONAL_KEYS: dict[str, Any] = {"skipped": 0, "checkpoint": "", "protocol": None, "template": None}
 
 
 @dataclasses.dataclass
@@ -68,6 +71,8 @@ class ResultRow:
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: int = 0
     checkpoint: str = ""
+    protocol: str | None = None  # the named evaluation preset (e.g. "robustvlm"), if any
+    template: str | None = None  # a VLM's chat template
 
     @property
     def key(self) -> tuple[Any, ...]:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
 from dvd.io import versions
+from dvd.models.llava_preprocess import model_transform
 from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["canonical_target", "evaluate_targeted", "target_outcome"]
@@ -32,9 +34,12 @@ def _squash(text: str) -> str:
     return " ".join(text.split())
 
 
-def target_outcome(generated: str, target: str) -> tuple[bool, bool]:
-    """``(exact, contains)``: the output is the target / the target appears in it (whitespace-normalised)."""
+def target_outcome(generated: str, target: str, *, ignore_case: bool = False) -> tuple[bool, bool]:
+    """``(exact, contains)``: the output is the target / the target appears in it (whitespace-normalised;
+    ``ignore_case``: RobustVLM's case-insensitive criterion)."""
     output, wanted = _squash(generated), _squash(target)
+    if ignore_case:
+        output, wanted = output.lower(), wanted.lower()
     if not wanted:
         raise ValueError("the target string is empty; pass --target TEXT")
     return output == wanted, wanted in output
@@ -83,6 +88,7 @@ def evaluate_targeted(
     dataset_name: str = "coco",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    ignore_case: bool = False,
 ) -> list[ResultRow]:
     """Targeted APGD towards each of ``targets`` on the images of ``data`` (a caption reader).
 
@@ -128,7 +134,8 @@ def evaluate_targeted(
             settings={"prompt": prompt, "target": target},
         )
         for budget in budgets:
-            outcomes = [[target_outcome(o, written) for o in s["outputs"]] for s in budget.samples]
+            outputs = [s["outputs"] for s in budget.samples]
+            outcomes = [[target_outcome(o, written, ignore_case=ignore_case) for o in out] for out in outputs]
             for metric, which in (("success_rate", 0), ("contains_rate", 1)):
                 clean = sum(o[0][which] for o in outcomes) / len(outcomes)
                 attacked = sum(any(x[which] for x in o) for o in outcomes) / len(outcomes)
@@ -168,29 +175,35 @@ def cli(argv: Sequence[str]) -> int:
         default=None,
         help=f"target string; repeatable (paper: {PAPER_TARGETS[0]!r})",
     )
+    vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "targeted")
     options = va.parse_common(args, ("apgd",))
     if not args.target or not all(t.strip() for t in args.target):
         raise ValueError("give at least one non-empty --target TEXT")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = source.load(model.image_size)
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    vp.use_template(model, args.template)
+    data = source.load(model.image_size, model_transform(model))
     state_dir = Path(f"{options.out}.partial")
-    rows = evaluate_targeted(
-        model,
-        data,
-        args.target,
-        eps_list=options.eps_list,
-        steps=options.steps,
-        precision=options.precision,
-        prompt=source.prompt,
-        max_new_tokens=options.max_new_tokens,
-        batch_size=options.batch_size,
-        limit=options.limit,
-        seed=args.seed,
-        model_name=va.model_name_of(args),
-        dataset_name=source.name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-    )
-    return va.finish(rows, options.out, state_dir, options.checkpoint)
+    rows = []
+    for targets, images in vp.target_groups(protocol, data, args.target):
+        rows += evaluate_targeted(
+            model,
+            images,
+            targets,
+            eps_list=options.eps_list,
+            steps=options.steps,
+            precision=options.precision,
+            prompt=source.prompt,
+            max_new_tokens=options.max_new_tokens,
+            batch_size=options.batch_size,
+            limit=options.limit,
+            seed=args.seed,
+            model_name=va.model_name_of(args),
+            dataset_name=source.name,
+            state_dir=state_dir,
+            progress=not args.no_progress,
+            ignore_case=protocol is not None,
+        )
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)

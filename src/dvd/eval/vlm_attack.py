@@ -469,6 +469,7 @@ def fingerprint(model: VisionLanguageModel) -> str:
 def add_common_arguments(parser: argparse.ArgumentParser, *, attacks: Sequence[str], attack: str) -> None:
     """The options every VLM evaluation takes (model, budgets, attack, batching, output)."""
     parser.add_argument("--model", required=True, help="dvd VLM checkpoint dir, or HF LLaVA name / local dir")
+    parser.add_argument("--model-base", default=None, help="base LM of a LoRA / projector-only LLaVA release")
     parser.add_argument("--model-name", default=None, help="short name for the result rows")
     parser.add_argument("--dataset-name", default=None, help="dataset name for the result rows")
     parser.add_argument("--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets ({DEFAULT_EPS})")
@@ -549,8 +550,11 @@ def broken_at(value: float) -> float:
     return value
 
 
-def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguageModel:
-    """A dvd checkpoint directory (``dvd_vlm.json``) via ``load_vlm``, else an HF LLaVA name or directory."""
+def load_model(
+    spec: str, *, device: str, dtype: str = "fp32", model_base: str | None = None
+) -> VisionLanguageModel:
+    """A dvd checkpoint directory (``dvd_vlm.json``) via ``load_vlm``, a LLaVA in its authors' layout
+    (on ``model_base`` for LoRA / projector-only releases), else an HF LLaVA name or directory."""
     from dvd.eval.options import check_model_argument
 
     try:
@@ -564,10 +568,16 @@ def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguage
     path = Path(spec)
     torch_dtype = None if dtype == "fp32" else DTYPES[dtype]
     check_model_argument(spec, kind="VLM")
+    from dvd.models.llava_original import is_llava_original, load_llava_original
+
+    if model_base is not None and not is_llava_original(spec):
+        raise ConfigError(f"--model-base applies to LoRA / projector-only LLaVA releases, not {spec}")
     if (path / "dvd_vlm.json").is_file():
         from dvd.models.vlm import load_vlm
 
         return load_vlm(path, device=device, dtype=torch_dtype)
+    if is_llava_original(spec):
+        return load_llava_original(spec, model_base=model_base, device=device, dtype=torch_dtype)
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{spec} is neither a dvd VLM checkpoint (no dvd_vlm.json) "

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvd.eval import vlm_protocols as vp
 from dvd.eval.output import check_output_path
 from dvd.eval.results import ResultRow, state_path
 from dvd.io import versions, write_json
+from dvd.models.llava_preprocess import model_transform
 
 if TYPE_CHECKING:
     from dvd.models.vlm_base import VisionLanguageModel
@@ -283,7 +285,6 @@ def vqa_predictions(
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval vqa``: VQAv2 accuracy of a VLM, clean and under attack."""
     from dvd.config import ConfigError, positive_int
-    from dvd.data.transforms import image_transform
     from dvd.data.vqa import VQAv2
     from dvd.eval import vlm_attack as va
 
@@ -312,11 +313,18 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--broken-at", type=float, default=0.0, help="questions at this accuracy are done")
     parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
+    parser.add_argument("--textvqa", default=None, help="TextVQA's JSON (TextVQA_0.5.1_val.json) + --images")
+    vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
+    protocol = vp.apply_protocol(parser, args, "vqa", "textvqa" if args.textvqa else "")
     options = va.parse_common(args, VQA_ATTACKS)
     n_references = positive_int(args.references, "--references")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if args.data is not None:
+    textvqa = None
+    if args.textvqa is not None and args.images:
+        questions, annotations, textvqa, name = Path(args.textvqa), Path(args.textvqa), True, "textvqa"
+        images = Path(args.images)
+    elif args.data is not None:
         root = Path(args.data)
         questions, annotations = root / "vqa" / "questions.json", root / "vqa" / "annotations.json"
         images, name = Path(args.images) if args.images else root / "images", "shapesworld/vqa"
@@ -341,14 +349,21 @@ def cli(argv: Sequence[str]) -> int:
             f"--attack {options.attack} needs the human answers (--annotations); without them only the "
             "clean answers are written: pass --attack none"
         )
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype)
-    data = VQAv2(
-        questions,
-        annotations,
-        images,
-        transform=image_transform(model.image_size),
-        image_pattern=args.image_pattern,
-    )
+    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    vp.use_template(model, args.template)
+    if textvqa:
+        from dvd.data.textvqa import TextVQA
+
+        data = TextVQA(questions, images, transform=model_transform(model))
+    else:
+        data = VQAv2(
+            questions,
+            annotations,
+            images,
+            transform=model_transform(model),
+            image_pattern=args.image_pattern,
+        )
+    data = vp.protocol_subset(protocol, data)
     dataset_name = args.dataset_name or name
     if predictions is not None:
         answers = vqa_predictions(
@@ -395,4 +410,4 @@ def cli(argv: Sequence[str]) -> int:
         state_dir=state_dir,
         progress=not args.no_progress,
     )
-    return va.finish(rows, options.out, state_dir, options.checkpoint)
+    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)

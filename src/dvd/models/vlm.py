@@ -438,8 +438,13 @@ def load_vlm(
 ) -> VisionLanguageModel:
     """Restore a model written by :func:`save_vlm` (a :class:`DvdVLM` or an HF LLaVA adapter), in eval mode.
 
-    Only safetensors weights are read; a directory holding pickled weights is refused.
+    Only safetensors weights are read; a directory holding pickled weights is refused. A full LLaVA in its
+    authors' layout goes to :func:`dvd.models.llava_original.load_llava_original`.
     """
+    from dvd.models.llava_original import is_llava_original, load_llava_original  # it imports this module
+
+    if is_llava_original(directory):
+        return load_llava_original(directory, device=device, dtype=dtype)
     directory = Path(directory)
     recipe = read_json(directory / RECIPE_NAME)
     if recipe.get("format") != FORMAT:
