@@ -49,6 +49,23 @@ ATTACKS: dict[str, tuple[str, ...]] = {
 PLACEHOLDER = "{c}"
 
 
+def resolve_attacks(attack: str) -> tuple[str, ...]:
+    """The ensemble behind ``--attack``: a name above, ``aa-standard`` or a comma list of dvd's attacks."""
+    if attack in ATTACKS:
+        return ATTACKS[attack]
+    from dvd.attacks import ATTACKS as ENSEMBLE_ATTACKS
+    from dvd.attacks import PRESETS, parse_attacks
+
+    known = sorted({*ATTACKS, *PRESETS, *ENSEMBLE_ATTACKS})
+    for name in attack.split(",") if attack not in PRESETS else ():
+        if name.strip() not in ENSEMBLE_ATTACKS:
+            raise ConfigError(f"unknown attack {name.strip()!r}{suggest(name.strip(), known)}")
+    try:
+        return parse_attacks(attack)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 class ZeroShotData(Protocol):
     """What :func:`dvd.data.zeroshot.load_zeroshot` returns."""
 
@@ -125,6 +142,7 @@ def evaluate_zeroshot(
     text_batch_size: int = 256,
     workers: int = 0,
     progress: bool = True,
+    eot: int | None = None,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``eps_list``.
 
@@ -132,17 +150,17 @@ def evaluate_zeroshot(
     ``attack_precision`` is "bf16"/"fp16" (the paper evaluates without AMP; successes are re-checked in
     fp32). ``check=False`` skips the gradient-masking checks (rows then carry ``masking_checks_skipped``).
     With ``state_dir``, the per-sample results are saved after every batch and a rerun resumes.
+    ``eot`` averages the attacks' gradients over that many draws (None: only for a randomised model).
     """
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}{suggest(attack, ATTACKS)}")
+    attacks = resolve_attacks(attack)
     model_name = model_name or getattr(model, "model_name", "model")
     dataset_name = dataset_name or data.name
     budgets = [0.0] if attack == "none" else [float(e) for e in eps_list]
     if not budgets:
         raise ConfigError("empty eps list; give at least one budget, e.g. --eps 4/255")
-    attacks = ATTACKS[attack]
-    if attack == "aa" and len(data.classnames) <= 2:
-        attacks = ("apgd-ce",)  # a targeted attack has no other class to aim at (paper: APGD-CE only)
+    if len(data.classnames) <= 2 and {"apgd-t", "fab-t"} & set(attacks):
+        # a targeted attack has no other class to aim at (paper: APGD-CE only)
+        attacks = tuple(a for a in attacks if a not in ("apgd-t", "fab-t")) or ("apgd-ce",)
     with evaluation_mode(model):
         classifier = ZeroShotClassifier(
             model, data.classnames, data.templates, text_batch_size=text_batch_size
@@ -167,6 +185,7 @@ def evaluate_zeroshot(
                 check=check,
                 progress=progress,
                 fingerprint=fingerprint,
+                eot=eot,
             )
             rows.append(run.evaluate(state_dir))
     flag_rising_robustness(rows)
@@ -193,6 +212,7 @@ class _Budget:
     workers: int
     progress: bool
     fingerprint: str
+    eot: int | None = None
 
     @property
     def key(self) -> dict[str, Any]:
@@ -210,6 +230,7 @@ class _Budget:
             "attack_precision",
             "check",
             "fingerprint",
+            "eot",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -317,8 +338,9 @@ class _Budget:
             seed=seed,
             precision=self.attack_precision,
             check=self.check,
-        )
-        return result.clean_correct.cpu(), result.robust_correct.cpu(), set(_flag_names(result.flags))
+            eot=self.eot,
+        )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
+        return result.clean_score.cpu(), result.robust_score.cpu(), set(_flag_names(result.flags))
 
     def _pgd(
         self, images: torch.Tensor, labels: torch.Tensor, seed: int
@@ -368,7 +390,13 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--eps-unit", type=float, default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument(
-        "--attack", default="apgd-ce", help="apgd-ce (default), aa (apgd-ce + apgd-t), pgd, none"
+        "--attack",
+        default="apgd-ce",
+        help="apgd-ce (default), aa (apgd-ce + apgd-t), aa-standard (+ fab-t, square), pgd, none, "
+        "or a comma list of apgd-ce, apgd-t, apgd-dlr, fab-t, square",
+    )
+    parser.add_argument(
+        "--eot", default=None, help="average gradients over N draws (default: 20 if the model is random)"
     )
     parser.add_argument("--steps", default="100")
     parser.add_argument("--batch-size", default="64")
@@ -384,8 +412,8 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(list(argv))
 
-    if args.attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
+    resolve_attacks(args.attack)
+    eot = None if args.eot is None else positive_int(args.eot, "--eot")
     eps_list = parse_eps_list(args.eps, args.eps_unit)  # checked even with --attack none: a typo is a typo
     steps = positive_int(args.steps, "--steps")
     batch_size = positive_int(args.batch_size, "--batch-size")
@@ -426,6 +454,7 @@ def cli(argv: Sequence[str]) -> int:
                 attack_precision=args.attack_precision,
                 workers=workers,
                 progress=not args.no_progress,
+                eot=eot,
             )
             write_rows(out, rows)
             all_rows += rows
