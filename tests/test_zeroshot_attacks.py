@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from test_zeroshot import photos  # noqa: F401  (fixture)
 
 from dvd.cli import main
 from dvd.config import ConfigError
 from dvd.eval.zeroshot import resolve_attacks
+from test_zeroshot import photos  # noqa: F401  (fixture)
 
 
 def test_attack_names_resolve_to_ensembles():
