@@ -180,3 +180,14 @@ def test_a_randomised_model_is_no_better_than_autoattack_rand(cnn_data):
     reference = float(fresh_draw_accuracy(noisy, adversarial, y, draws=10, batch_size=N).mean())
     assert ours.robust_accuracy <= reference + TOLERANCE, (ours.robust_accuracy, reference)
     assert 0 < ours.robust_accuracy < ours.clean_accuracy
+
+
+def test_every_broken_sample_names_the_attack_that_broke_it(cnn_data):
+    model, x, y = cnn_data
+    masked = Quantised(model).eval()
+    result = evaluate_robustness(masked, x, y, eps=EPS)
+    names = [name for name in result.attack_of if name is not None]
+    assert len(names) == int((result.clean_correct & ~result.robust_correct).sum())
+    assert {name: names.count(name) for name in set(names)} == {k: v for k, v in result.broken_by.items() if v}
+    broken = torch.tensor([name is not None for name in result.attack_of])
+    assert torch.isfinite(result.loss[broken]).all()

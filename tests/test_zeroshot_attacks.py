@@ -37,3 +37,32 @@ def test_cli_refuses_a_bad_eot(photos: Path, tmp_path: Path, capsys):  # noqa: F
             "--out", str(tmp_path / "r.json")]
     assert main(args) != 0
     assert "--eot must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attack", ["aa", "pgd"])
+def test_save_samples_keeps_every_prediction_and_adversarial_image(
+    photos: Path, tmp_path: Path, attack: str  # noqa: F811
+):
+    import torch
+
+    from dvd.eval.samples import load_image
+
+    samples = tmp_path / "samples"
+    args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(photos), "--eps", "0,32/255",
+            "--attack", attack, "--steps", "3", "--limit", "4", "--out", str(tmp_path / "r.json"),
+            "--save-samples", str(samples), "--no-progress"]
+    assert main(args) == 0
+    (clean_file,) = samples.glob("*-none-eps0of255.jsonl")
+    (attacked_file,) = samples.glob(f"*-{attack}-eps32of255.jsonl")
+    clean = [json.loads(line) for line in clean_file.read_text().splitlines()]
+    attacked = [json.loads(line) for line in attacked_file.read_text().splitlines()]
+    assert [r["id"] for r in clean] == [r["id"] for r in attacked] == [0, 1, 2, 3]
+    assert [r["clean"] for r in clean] == [r["clean"] for r in attacked]
+    (row,) = [r for r in json.loads((tmp_path / "r.json").read_text()) if r["eps"] > 0]
+    robust = [r["adversarial"] == r["label"] for r in attacked]
+    assert sum(robust) / 4 == pytest.approx(row["adversarial"]) and row["adversarial"] < row["clean"]
+    for record in attacked:
+        assert (record["broken_by"] is not None) == (record["clean"] == record["label"] != record["adversarial"])
+        image = load_image(attacked_file.with_suffix("") / record["image"])
+        assert image.shape == (3, 32, 32) and 0 <= float(image.min()) and float(image.max()) <= 1
+    assert torch.is_tensor(image)

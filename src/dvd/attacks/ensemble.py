@@ -60,12 +60,16 @@ def check_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
 
 @dataclass
 class EnsembleResult:
-    """Per-sample outcome of the ensemble on one batch."""
+    """Per-sample outcome of the ensemble on one batch: ``attack_of`` names the attack that broke each
+    sample (None if none did) and ``loss`` is that attack's loss there (for survivors: the last attack's
+    best loss; NaN where nothing ran)."""
 
     adversarial: Tensor
     robust: Tensor
     broken_by: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
+    attack_of: list[str | None] = field(default_factory=list)
+    loss: Tensor | None = None
 
 
 def _verify(classifier: Classifier, result: AttackResult, labels: Tensor) -> tuple[Tensor, int]:
@@ -102,11 +106,15 @@ def ensemble_attack(
     robust = robust.clone()
     adversarial = x.detach().clone()
     forward = low_precision(classifier, precision)
-    out = EnsembleResult(adversarial, robust)
+    out = EnsembleResult(adversarial, robust, attack_of=[None] * x.shape[0],
+                         loss=torch.full((x.shape[0],), float("nan"), device=x.device))
 
     def commit(index: Tensor, result: AttackResult, name: str) -> Tensor:
         broken, dropped = _verify(classifier, result, labels[index])
         hit = index[broken]
+        out.loss[index] = result.loss.float()
+        for i in hit.tolist():
+            out.attack_of[i] = name
         adversarial[hit] = result.adversarial[broken]
         robust[hit] = False
         out.broken_by[name] = out.broken_by.get(name, 0) + len(hit)

@@ -47,9 +47,11 @@ def escalate(
     generator: torch.Generator,
     eot: int = 1,
     queries: int = ESCALATION_QUERIES,
+    loss: Tensor | None = None,
 ) -> tuple[int, int]:
-    """Square with the full budget on the samples flagged ``robust``; updates ``robust`` and
-    ``adversarial`` in place where a success holds in a plain forward. Returns (tried, broken)."""
+    """Square with the full budget on the samples flagged ``robust``; updates ``robust``,
+    ``adversarial`` (and ``loss``, Square's margin) in place where a success holds in a plain forward.
+    Returns (tried, broken)."""
     survivors = robust.nonzero()[:, 0]
     broken = 0
     for lo in range(0, survivors.numel(), batch_size):
@@ -61,6 +63,8 @@ def escalate(
             hit = classifier(found.adversarial).float().argmax(dim=1) != labels[index]
         adversarial[index[hit]] = found.adversarial[hit]
         robust[index[hit]] = False
+        if loss is not None:
+            loss[index[hit]] = found.loss[hit]
         broken += int(hit.sum())
     return int(survivors.numel()), broken
 

@@ -29,6 +29,8 @@ class RobustnessResult:
     full-budget Square run after a masking check broke; they count as broken). ``clean_score`` and
     ``robust_score`` are per-sample fractions correct: 0/1 for a deterministic model, the fraction over
     fresh draws for a randomised one (``randomized``, attacked with EOT over ``eot`` draws).
+    ``attack_of`` names, per sample, the attack that broke it (None: not broken) and ``loss`` is that
+    attack's loss there (NaN where no attack ran).
     """
 
     clean_correct: Tensor
@@ -48,6 +50,8 @@ class RobustnessResult:
     randomized: bool = False
     eot: int = 1
     escalated: bool = False
+    attack_of: list[str | None] = field(default_factory=list)
+    loss: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.clean_score is None:
@@ -130,6 +134,8 @@ def evaluate_robustness(
     clean_correct = torch.zeros(n, dtype=torch.bool, device=images.device)
     robust_correct = torch.zeros_like(clean_correct)
     adversarial = images.detach().clone()
+    attack_of: list[str | None] = [None] * n
+    loss = torch.full((n,), float("nan"), device=images.device)
     broken_by: dict[str, int] = {}
     dropped = n_zero = n_nonfinite = n_saturated = square_broken = square_tried = 0
     flags: dict[str, bool | str] = {}
@@ -160,6 +166,8 @@ def evaluate_robustness(
                                      generator=generator, robust=clean, precision=precision,
                                      square_queries=square_queries, eot=eot)
             robust, x_adv = result.robust, result.adversarial
+            attack_of[lo:lo + size] = result.attack_of
+            loss[lo:lo + size] = result.loss
             dropped += result.dropped
             for name, count in result.broken_by.items():
                 broken_by[name] = broken_by.get(name, 0) + count
@@ -173,6 +181,9 @@ def evaluate_robustness(
                     hit = classifier(found.adversarial).float().argmax(dim=1) != y[index]
                 x_adv[index[hit]] = found.adversarial[hit]
                 robust[index[hit]] = False
+                loss[lo + index[hit]] = found.loss[hit]
+                for i in index[hit].tolist():
+                    attack_of[lo + i] = "square-check"
                 square_tried += index.numel()
                 square_broken += int(hit.sum())
                 broken_by["square-check"] = broken_by.get("square-check", 0) + int(hit.sum())
@@ -191,9 +202,12 @@ def evaluate_robustness(
         full_square = "square" in attacks and square_queries >= escalation_queries
         escalated = escalate and bool(fired) and eps > 0 and norm == "linf" and not full_square
         if escalated:
+            before = robust_correct.clone()
             tried, broken = escalation.escalate(classifier, images, labels, robust_correct, adversarial,
                                                 eps=eps, batch_size=size, generator=generator, eot=eot,
-                                                queries=escalation_queries)
+                                                queries=escalation_queries, loss=loss)
+            for i in (before & ~robust_correct).nonzero()[:, 0].tolist():
+                attack_of[i] = "square-escalation"
             broken_by["square-escalation"] = broken
             flags["escalated"] = escalation.escalation_flag(fired, tried, broken, escalation_queries)
         else:
@@ -232,4 +246,6 @@ def evaluate_robustness(
         randomized=randomized,
         eot=eot,
         escalated=escalated,
+        attack_of=attack_of,
+        loss=loss,
     )

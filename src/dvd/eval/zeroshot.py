@@ -143,6 +143,7 @@ def evaluate_zeroshot(
     workers: int = 0,
     progress: bool = True,
     eot: int | None = None,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``eps_list``.
 
@@ -151,6 +152,7 @@ def evaluate_zeroshot(
     fp32). ``check=False`` skips the gradient-masking checks (rows then carry ``masking_checks_skipped``).
     With ``state_dir``, the per-sample results are saved after every batch and a rerun resumes.
     ``eot`` averages the attacks' gradients over that many draws (None: only for a randomised model).
+    ``save_samples``: a directory for per-sample records and adversarial images (:mod:`dvd.eval.samples`).
     """
     attacks = resolve_attacks(attack)
     model_name = model_name or getattr(model, "model_name", "model")
@@ -186,6 +188,7 @@ def evaluate_zeroshot(
                 progress=progress,
                 fingerprint=fingerprint,
                 eot=eot,
+                save_samples=save_samples,
             )
             rows.append(run.evaluate(state_dir))
     flag_rising_robustness(rows)
@@ -213,6 +216,19 @@ class _Budget:
     progress: bool
     fingerprint: str
     eot: int | None = None
+    save_samples: str | Path | None = None
+
+    def _save(self, start: int, labels: torch.Tensor, clean: torch.Tensor, adversarial: Any = None,
+              attack_of: Any = None, loss: Any = None, images: torch.Tensor | None = None) -> None:
+        """Per-sample records (and adversarial images) for ``--save-samples``."""
+        from dvd.eval.samples import classification_records, writer_for
+
+        writer = writer_for(self.save_samples, task="zeroshot", model=self.model_name,
+                            dataset=self.dataset_name, attack=self.attack, eps=self.eps)
+        if writer is not None:
+            names = self.classifier.classnames
+            writer.write(classification_records(start, labels, clean, adversarial, attack_of, loss, names),
+                         images)
 
     @property
     def key(self) -> dict[str, Any]:
@@ -320,11 +336,12 @@ class _Budget:
                 torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
             )
             with torch.no_grad(), autocast:
-                clean = self.classifier(images).argmax(dim=1) == labels
-            return clean.cpu(), None, set()
+                predicted = self.classifier(images).argmax(dim=1)
+            self._save(start, labels, predicted)
+            return (predicted == labels).cpu(), None, set()
         seed = self.seed + start  # per-batch seed from the sample offset: a resumed run draws the same
         if self.attack == "pgd":
-            return self._pgd(images, labels, seed)
+            return self._pgd(images, labels, seed, start)
         from dvd.attacks import evaluate_robustness
 
         result = evaluate_robustness(
@@ -340,10 +357,14 @@ class _Budget:
             check=self.check,
             eot=self.eot,
         )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
+        if self.save_samples is not None:
+            with torch.no_grad():
+                clean, attacked = (self.classifier(x).argmax(dim=1) for x in (images, result.adversarial))
+            self._save(start, labels, clean, attacked, result.attack_of, result.loss, result.adversarial)
         return result.clean_score.cpu(), result.robust_score.cpu(), set(_flag_names(result.flags))
 
     def _pgd(
-        self, images: torch.Tensor, labels: torch.Tensor, seed: int
+        self, images: torch.Tensor, labels: torch.Tensor, seed: int, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """Plain L-inf PGD on the cross-entropy (step 2.5 eps / steps) of the clean-correct samples."""
         from dvd.attacks import cross_entropy, low_precision, pgd_attack
@@ -364,6 +385,15 @@ class _Budget:
             )
             with torch.no_grad():  # judged in fp32 whatever precision the attack ran in
                 robust[index] = self.classifier(found.adversarial).argmax(dim=1) == labels[index]
+            if self.save_samples is not None:
+                adversarial = images.clone()
+                adversarial[index] = found.adversarial
+                with torch.no_grad():
+                    before, after = (self.classifier(x).argmax(dim=1) for x in (images, adversarial))
+                attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
+                loss = torch.full((len(labels),), float("nan"))
+                loss[index.cpu()] = found.loss.float().cpu()
+                self._save(start, labels, before, after, attack_of, loss, adversarial)
         return clean.cpu(), robust.cpu(), {"masking_checks_skipped"}  # the checks belong to the ensemble
 
 
@@ -397,6 +427,9 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument(
         "--eot", default=None, help="average gradients over N draws (default: 20 if the model is random)"
+    )
+    parser.add_argument(
+        "--save-samples", default=None, help="directory for per-sample JSONL records + adversarial images"
     )
     parser.add_argument("--steps", default="100")
     parser.add_argument("--batch-size", default="64")
@@ -455,6 +488,7 @@ def cli(argv: Sequence[str]) -> int:
                 workers=workers,
                 progress=not args.no_progress,
                 eot=eot,
+                save_samples=args.save_samples,
             )
             write_rows(out, rows)
             all_rows += rows

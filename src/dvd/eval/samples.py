@@ -1,0 +1,138 @@
+"""Keep what an evaluation saw (``--save-samples DIR``): a JSONL record per sample, its adversarial image.
+
+Each (task, model, dataset, attack, eps) gets ``DIR/<name>.jsonl`` and a folder ``DIR/<name>/`` of images,
+so another tool can re-score the outputs and re-run the images. A record holds the sample's ``id``, its
+``label`` or ``references``, the ``clean`` and ``adversarial`` prediction (or caption / answer), the attack
+that broke it (``broken_by``, None if none did), its ``loss`` and the image's file name. An image is a PNG
+when it is exactly representable in 8 bits (so the PNG *is* the attacked input), else a float32 ``.npy``.
+A rerun that resumes skips the records already written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+UINT8_TOLERANCE = 1e-6  # |255 x - round(255 x)| below this everywhere: the image is exactly 8-bit
+
+
+def sample_set_name(task: str, model: str, dataset: str, attack: str, eps: float) -> str:
+    """A file-system-safe name for one evaluated budget."""
+    raw = f"{task}-{model}-{dataset}-{attack}-eps{eps * 255:g}of255"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", raw)
+
+
+def is_uint8_exact(image: Tensor) -> bool:
+    scaled = image.detach().double() * 255
+    return bool(((scaled - scaled.round()).abs() < UINT8_TOLERANCE).all())
+
+
+def save_image(image: Tensor, stem: Path) -> Path:
+    """``image`` (C, H, W) in [0, 1] as ``stem.png`` if exactly 8-bit, else ``stem.npy`` (float32)."""
+    image = image.detach().cpu()
+    if is_uint8_exact(image):
+        pixels = (image.double() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        path = stem.with_suffix(".png")
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
+    else:
+        path = stem.with_suffix(".npy")
+        np.save(path, image.float().numpy())
+    return path
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An image saved by :func:`save_image`, back as a float tensor (C, H, W) in [0, 1]."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    pixels = np.asarray(Image.open(path))
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class SampleWriter:
+    """Appends per-sample records to ``directory/name.jsonl`` and images to ``directory/name/``."""
+
+    def __init__(self, directory: str | Path, name: str) -> None:
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"--save-samples {self.directory} is a file; give a directory")
+        self.images = self.directory / name
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"{name}.jsonl"
+        self.seen: set[str] = set()
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    self.seen.add(str(json.loads(line)["id"]))
+
+    def write(self, records: list[dict[str, Any]], images: Tensor | None = None) -> None:
+        """One record per sample (each with an ``id``); ``images`` (B, C, H, W) saved beside them."""
+        lines = []
+        for i, record in enumerate(records):
+            key = str(record["id"])
+            if key in self.seen:
+                continue
+            record = dict(record)
+            if images is not None:
+                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+                record["image"] = save_image(images[i], self.images / stem).name
+            lines.append(json.dumps(_jsonable(record)))
+            self.seen.add(key)
+        if lines:
+            with self.path.open("a") as handle:
+                handle.write("\n".join(lines) + "\n")
+
+
+def writer_for(
+    directory: str | Path | None, *, task: str, model: str, dataset: str, attack: str, eps: float
+) -> SampleWriter | None:
+    """A :class:`SampleWriter` for one budget, or None without ``--save-samples``."""
+    if directory is None:
+        return None
+    return SampleWriter(directory, sample_set_name(task, model, dataset, attack, eps))
+
+
+def classification_records(
+    start: int,
+    labels: Tensor,
+    clean: Tensor,
+    adversarial: Tensor | None,
+    attack_of: list[str | None] | None,
+    loss: Tensor | None,
+    classnames: list[str],
+) -> list[dict[str, Any]]:
+    """Records of a classification batch whose first sample is number ``start`` of the dataset."""
+    records = []
+    for i, label in enumerate(labels.tolist()):
+        record: dict[str, Any] = {
+            "id": start + i,
+            "label": classnames[label],
+            "clean": classnames[int(clean[i])],
+        }
+        if adversarial is not None:
+            record["adversarial"] = classnames[int(adversarial[i])]
+            record["broken_by"] = attack_of[i] if attack_of else None
+            record["loss"] = float(loss[i]) if loss is not None else None
+        records.append(record)
+    return records
