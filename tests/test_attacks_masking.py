@@ -188,6 +188,7 @@ def test_every_broken_sample_names_the_attack_that_broke_it(cnn_data):
     result = evaluate_robustness(masked, x, y, eps=EPS)
     names = [name for name in result.attack_of if name is not None]
     assert len(names) == int((result.clean_correct & ~result.robust_correct).sum())
-    assert {name: names.count(name) for name in set(names)} == {k: v for k, v in result.broken_by.items() if v}
+    counts = {name: names.count(name) for name in set(names)}
+    assert counts == {k: v for k, v in result.broken_by.items() if v}
     broken = torch.tensor([name is not None for name in result.attack_of])
     assert torch.isfinite(result.loss[broken]).all()

@@ -62,7 +62,8 @@ def test_save_samples_keeps_every_prediction_and_adversarial_image(
     robust = [r["adversarial"] == r["label"] for r in attacked]
     assert sum(robust) / 4 == pytest.approx(row["adversarial"]) and row["adversarial"] < row["clean"]
     for record in attacked:
-        assert (record["broken_by"] is not None) == (record["clean"] == record["label"] != record["adversarial"])
+        broken = record["clean"] == record["label"] != record["adversarial"]
+        assert (record["broken_by"] is not None) == broken
         image = load_image(attacked_file.with_suffix("") / record["image"])
         assert image.shape == (3, 32, 32) and 0 <= float(image.min()) and float(image.max()) <= 1
     assert torch.is_tensor(image)
