@@ -21,8 +21,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-UINT8_TOLERANCE = 1e-6  # |255 x - round(255 x)| below this everywhere: the image is exactly 8-bit
-
 
 def sample_set_name(task: str, model: str, dataset: str, attack: str, eps: float) -> str:
     """A file-system-safe name for one evaluated budget."""
@@ -31,15 +29,16 @@ def sample_set_name(task: str, model: str, dataset: str, attack: str, eps: float
 
 
 def is_uint8_exact(image: Tensor) -> bool:
-    scaled = image.detach().double() * 255
-    return bool(((scaled - scaled.round()).abs() < UINT8_TOLERANCE).all())
+    """The 8-bit image read back (``uint8 / 255`` in float32) is exactly ``image``."""
+    image = image.detach().float()
+    return bool(torch.equal(torch.round(image * 255) / 255, image))
 
 
 def save_image(image: Tensor, stem: Path) -> Path:
     """``image`` (C, H, W) in [0, 1] as ``stem.png`` if exactly 8-bit, else ``stem.npy`` (float32)."""
     image = image.detach().cpu()
     if is_uint8_exact(image):
-        pixels = (image.double() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = (image.float() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         path = stem.with_suffix(".png")
         Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
     else:
@@ -134,5 +133,25 @@ def classification_records(
             record["adversarial"] = classnames[int(adversarial[i])]
             record["broken_by"] = attack_of[i] if attack_of else None
             record["loss"] = float(loss[i]) if loss is not None else None
+        records.append(record)
+    return records
+
+
+def output_records(
+    task: Any, positions: list[int], items: list[dict[str, Any]], outputs: list[list[str]], worst_case: Any
+) -> list[dict[str, Any]]:
+    """Records of a VLM batch: the task's fields, references, the clean and the worst-case output, the
+    stage that produced it (``broken_by``; None when the clean output is the worst) and its task score."""
+    records = []
+    for k, (position, item, texts) in enumerate(zip(positions, items, outputs, strict=True)):
+        record: dict[str, Any] = {"id": position, **task.record(position, item)}
+        record["references"] = list(task.references(position, item))
+        record["clean"] = texts[0]
+        if worst_case is not None:
+            worst = worst_case.worst[k]
+            record["adversarial"] = texts[worst]
+            record["broken_by"] = worst_case.sources[k][worst] if worst > 0 else None
+            record["score"] = worst_case.scores[k]
+            record["outputs"] = texts
         records.append(record)
     return records

@@ -94,6 +94,7 @@ def evaluate_targeted(
     dataset_name: str = "coco",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """Targeted APGD towards each of ``targets`` on the images of ``data`` (a caption reader).
 
@@ -138,6 +139,7 @@ def evaluate_targeted(
             state_dir=state_dir,
             progress=progress,
             settings={"prompt": prompt, "target": target},
+            save_samples=save_samples,
         )
         for budget in budgets:
             outcomes = [[target_outcome(o, written) for o in s["outputs"]] for s in budget.samples]
@@ -204,5 +206,6 @@ def cli(argv: Sequence[str]) -> int:
         dataset_name=source.name,
         state_dir=state_dir,
         progress=not args.no_progress,
+        save_samples=options.save_samples,
     )
     return va.finish(rows, options.out, state_dir)

@@ -169,6 +169,7 @@ def evaluate_vqa(
     dataset_name: str = "vqav2",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """VQAv2 accuracy of greedy answers, clean and under attack, one row per budget (eps 0: clean only).
 
@@ -209,6 +210,7 @@ def evaluate_vqa(
         state_dir=state_dir,
         progress=progress,
         settings={"suffix": suffix},
+        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
@@ -296,5 +298,6 @@ def cli(argv: Sequence[str]) -> int:
         dataset_name=args.dataset_name or name,
         state_dir=state_dir,
         progress=not args.no_progress,
+        save_samples=options.save_samples,
     )
     return va.finish(rows, options.out, state_dir)
