@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dvd.eval.samples import SampleWriter, load_image, save_image
+from test_retrieval import coco  # noqa: F401  (fixture)
 from test_vlm_eval_commands import checkpoint, one_thread, run, world  # noqa: F401  (fixtures)
 
 
@@ -47,3 +48,26 @@ def test_vlm_evaluations_save_outputs_and_worst_case_images(
         assert record["broken_by"] is None or record["broken_by"].startswith(("ref", "best", "target"))
         image = load_image(jsonl.with_suffix("") / record["image"])
         assert image.dim() == 3 and 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def test_retrieval_saves_each_images_captions_and_top_caption_clean_and_attacked(coco, tmp_path):  # noqa: F811
+    from dvd.cli import main
+
+    samples = tmp_path / "samples"
+    args = ["eval", "retrieval", "--model", "dvd-tiny-vit", "--dataset", str(coco / "annotations.json"),
+            "--image-root", str(coco / "images"), "--eps", "16/255", "--steps", "2", "--batch-size", "3",
+            "--out", str(tmp_path / "r.json"), "--save-samples", str(samples), "--no-progress"]
+    assert main(args) == 0
+    (jsonl,) = samples.glob("retrieval-*.jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert len(records) == rows["image_to_text_recall@1"]["n"]
+    for which in ("clean", "adversarial"):
+        hits = sum(r[f"{which}_correct"] for r in records) / len(records)
+        assert hits == pytest.approx(rows["image_to_text_recall@1"][which])
+    for record in records:
+        assert len(record["references"]) == 2
+        assert record["clean"] in record["references"] or not record["clean_correct"]
+        broken = record["clean_correct"] and not record["adversarial_correct"]
+        assert (record["broken_by"] is not None) == broken
+        assert (jsonl.with_suffix("") / record["image"]).exists()

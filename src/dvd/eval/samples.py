@@ -155,3 +155,40 @@ def output_records(
             record["outputs"] = texts
         records.append(record)
     return records
+
+
+def retrieval_records(
+    index: Tensor,
+    clean_features: Tensor,
+    adversarial_features: Tensor,
+    text_features: Tensor,
+    text_to_image: Tensor,
+    captions: list[str],
+    attack: str,
+) -> list[dict[str, Any]]:
+    """Records of a retrieval batch: each image's own captions and its top-1 caption, clean and attacked;
+    ``*_correct`` is recall@1's hit as the rows count it (ties with other images' captions count against
+    it); ``broken_by`` names the attack when the clean image was a hit and the attacked one is not."""
+    own = text_to_image.view(1, -1) == index.view(-1, 1)
+
+    def top_and_hit(features: Tensor) -> tuple[list[int], list[bool]]:
+        similarity = features @ text_features.t()
+        best_own = similarity.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+        hit = ((similarity >= best_own) & ~own).sum(dim=1) == 0
+        return similarity.argmax(dim=1).tolist(), hit.tolist()
+
+    clean_top, clean_hit = top_and_hit(clean_features)
+    attacked_top, attacked_hit = top_and_hit(adversarial_features)
+    owner = text_to_image.tolist()
+    records = []
+    for k, image in enumerate(index.tolist()):
+        records.append({
+            "id": image,
+            "references": [c for c, o in zip(captions, owner, strict=True) if o == image],
+            "clean": captions[clean_top[k]],
+            "adversarial": captions[attacked_top[k]],
+            "clean_correct": clean_hit[k],
+            "adversarial_correct": attacked_hit[k],
+            "broken_by": attack if clean_hit[k] and not attacked_hit[k] else None,
+        })
+    return records
