@@ -88,21 +88,22 @@ def test_aa_standard_is_autoattacks_standard_set():
         parse_attacks("apgd-ce,fab")
 
 
-def test_hyperplane_projection_is_as_short_as_the_reference():
-    from pyautoattack.fab_projections import projection_linf
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_hyperplane_projection_is_as_short_as_the_reference(norm):
+    from pyautoattack.fab_projections import projection_l2, projection_linf
 
     g = torch.Generator().manual_seed(0)
     p = torch.rand(64, 30, generator=g)
     w = torch.randn(64, 30, generator=g)
     c = (w * p).sum(1) + 0.5 * torch.randn(64, generator=g)
-    ours = project_onto_hyperplane(p, w, c, "linf")
-    theirs = projection_linf(p, w, c)
+    ours = project_onto_hyperplane(p, w, c, norm)
+    theirs = {"linf": projection_linf, "l2": projection_l2}[norm](p, w.clone(), c.clone())
     on_plane = ((w * (p + theirs)).sum(1) - c).abs() < 1e-4
     assert on_plane.sum() > 32  # most targets reachable inside the box
     assert ((w * (p + ours)).sum(1) - c)[on_plane].abs().max() < 1e-4
     assert ((p + ours).min() >= 0) and ((p + ours).max() <= 1)
-    ours_norm, theirs_norm = ours.abs().amax(1), theirs.abs().amax(1)
-    assert torch.allclose(ours_norm[on_plane], theirs_norm[on_plane], atol=1e-4)
+    length = (lambda d: d.abs().amax(1)) if norm == "linf" else (lambda d: d.norm(dim=1))
+    assert torch.allclose(length(ours)[on_plane], length(theirs)[on_plane], atol=1e-4)
 
 
 def test_fab_t_is_as_strong_as_the_reference(cnn_data):
