@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dvd.cli import main
 from dvd.config import ConfigError
@@ -67,3 +68,33 @@ def test_save_samples_keeps_every_prediction_and_adversarial_image(
         image = load_image(attacked_file.with_suffix("") / record["image"])
         assert image.shape == (3, 32, 32) and 0 <= float(image.min()) and float(image.max()) <= 1
     assert torch.is_tensor(image)
+
+
+class QuantisedCLIP(torch.nn.Module):
+    """A CLIP whose image encoder rounds its input to 8 bits: a zero input gradient everywhere."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.logit_scale, self.image_size, self.tokenize = model.logit_scale, model.image_size, model.tokenize
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(torch.round(images * 255) / 255)
+
+
+@pytest.mark.slow  # Square's 5000 queries on the survivors: about 20 s here
+def test_a_row_records_that_masked_gradients_were_escalated(photos: Path):  # noqa: F811
+    from dvd.data.transforms import image_transform
+    from dvd.data.zeroshot import load_zeroshot
+    from dvd.eval.zeroshot import evaluate_zeroshot
+    from dvd.models.clip import create_clip
+
+    torch.manual_seed(0)
+    model = QuantisedCLIP(create_clip("dvd-tiny-vit"))
+    data = load_zeroshot(photos, transform=image_transform(model.image_size), split="test")
+    (row,) = evaluate_zeroshot(model, data, eps_list=[8 / 255], attack="apgd-ce", steps=2,
+                                 limit=3, progress=False)
+    assert "zero_gradients" in row.flags and "escalated" in row.flags
