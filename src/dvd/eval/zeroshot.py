@@ -373,6 +373,8 @@ class _Budget:
             clean = self.classifier(images).argmax(dim=1) == labels
         robust = clean.clone()
         index = clean.nonzero()[:, 0]
+        adversarial = images.clone()
+        loss = torch.full((len(labels),), float("nan"), device=images.device)
         if index.numel():
             forward = low_precision(self.classifier, self.attack_precision)
             generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -385,15 +387,12 @@ class _Budget:
             )
             with torch.no_grad():  # judged in fp32 whatever precision the attack ran in
                 robust[index] = self.classifier(found.adversarial).argmax(dim=1) == labels[index]
-            if self.save_samples is not None:
-                adversarial = images.clone()
-                adversarial[index] = found.adversarial
-                with torch.no_grad():
-                    before, after = (self.classifier(x).argmax(dim=1) for x in (images, adversarial))
-                attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
-                loss = torch.full((len(labels),), float("nan"))
-                loss[index.cpu()] = found.loss.float().cpu()
-                self._save(start, labels, before, after, attack_of, loss, adversarial)
+            adversarial[index], loss[index] = found.adversarial, found.loss.float()
+        if self.save_samples is not None:
+            with torch.no_grad():
+                before, after = (self.classifier(x).argmax(dim=1) for x in (images, adversarial))
+            attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
+            self._save(start, labels, before, after, attack_of, loss, adversarial)
         return clean.cpu(), robust.cpu(), {"masking_checks_skipped"}  # the checks belong to the ensemble
 
 
