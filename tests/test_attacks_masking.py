@@ -104,6 +104,7 @@ def test_hyperplane_projection_is_as_short_as_the_reference(norm):
     assert ((p + ours).min() >= 0) and ((p + ours).max() <= 1)
     length = (lambda d: d.abs().amax(1)) if norm == "linf" else (lambda d: d.norm(dim=1))
     assert torch.allclose(length(ours)[on_plane], length(theirs)[on_plane], atol=1e-4)
+    assert torch.allclose(ours[~on_plane], theirs[~on_plane], atol=1e-6)  # out of reach: the nearest corner
 
 
 def test_fab_t_is_as_strong_as_the_reference(cnn_data):

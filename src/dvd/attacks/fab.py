@@ -19,8 +19,6 @@ from .norms import check_budget, check_images, check_norm
 from .objectives import Objective
 from .tracking import AttackResult, Tracker, broadcast
 
-BISECTIONS = 60  # halvings of the step-length interval in the box-constrained hyperplane projection
-
 
 def _norm(d: Tensor, norm: str) -> Tensor:
     return d.abs().amax(dim=1) if norm == "linf" else d.norm(dim=1)
@@ -30,34 +28,30 @@ def project_onto_hyperplane(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tenso
     """The smallest ``d`` (L-inf or L2) with ``w . (p + d) = c`` and ``p + d`` in [0, 1], rows (B, D).
 
     The minimiser has the form ``clamp(s * v, -p, 1 - p)`` with ``v = sign(w)`` (L-inf) or ``w`` (L2),
-    oriented towards the plane, and the smallest ``s >= 0`` that reaches it (found by bisection: the
-    reached value is monotone in ``s``). When the box cannot reach the plane, the box corner closest to
-    it is returned, as in the reference implementation.
+    oriented towards the plane. Coordinate i then moves the plane's value by ``a_i min(s, t_i)`` (``t_i``:
+    where it reaches the box), a piecewise-linear, increasing function of ``s``: sorting the ``t_i`` gives
+    the exact smallest ``s`` that reaches the plane. When the box cannot reach it, the box corner closest
+    to it is returned, as in the reference implementation.
     """
     p64, w64, c64 = p.double(), w.double(), c.double()
     need = c64 - (w64 * p64).sum(dim=1)
     side = torch.where(need >= 0, 1.0, -1.0).to(p64)[:, None]
     v = side * (w64.sign() if norm == "linf" else w64)
     low, high = -p64, 1.0 - p64
-
-    def reach(s: Tensor) -> tuple[Tensor, Tensor]:
-        d = torch.minimum(torch.maximum(s[:, None] * v, low), high)
-        return d, side[:, 0] * (w64 * d).sum(dim=1)
-
-    if norm == "linf":
-        s_high = torch.ones_like(need)
-    else:  # every coordinate saturates once s |w_i| >= 1
-        smallest = torch.where(w64 != 0, w64.abs(), torch.inf).amin(dim=1)
-        s_high = torch.where(torch.isfinite(smallest), 1.0 / smallest, torch.zeros_like(smallest))
-    target = need.abs()
-    s_low = torch.zeros_like(need)
-    for _ in range(BISECTIONS):
-        middle = 0.5 * (s_low + s_high)
-        _, reached = reach(middle)
-        enough = reached >= target
-        s_high = torch.where(enough, middle, s_high)
-        s_low = torch.where(enough, s_low, middle)
-    d, _ = reach(s_high)
+    rate = side * w64 * v  # >= 0: how fast coordinate i moves the plane's value while unsaturated
+    safe = torch.where(v == 0, 1.0, v)
+    limit = torch.where(v > 0, high / safe, torch.where(v < 0, low / safe, torch.zeros_like(v)))
+    limit, order = limit.clamp_min(0).sort(dim=1)
+    rate = rate.gather(1, order)
+    saturated = (rate * limit).cumsum(dim=1) - rate * limit  # sum over the coordinates saturated before k
+    moving = rate.flip(1).cumsum(dim=1).flip(1)  # sum of the rates still moving from k on
+    reached = saturated + limit * moving  # the value reached at s = limit_k
+    target = need.abs()[:, None]
+    feasible = (reached >= target).any(dim=1)
+    k = (reached >= target).int().argmax(dim=1, keepdim=True)
+    exact = ((target - saturated.gather(1, k)) / moving.gather(1, k).clamp_min(1e-300))[:, 0]
+    s = torch.where(feasible, exact.clamp_min(0), limit[:, -1])
+    d = torch.minimum(torch.maximum(s[:, None] * v, low), high)
     return d.to(p.dtype)
 
 
