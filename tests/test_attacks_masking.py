@@ -66,6 +66,14 @@ def cnn_data():
     return train(cnn, x_train, y_train), x[:N], y[:N]
 
 
+@pytest.fixture(scope="module")
+def escalated(cnn_data):
+    """dvd's default evaluation of both masked models (computed once for the tests below)."""
+    model, x, y = cnn_data
+    wrappers = (Quantised, Detached)
+    return {wrapper: evaluate_robustness(wrapper(model).eval(), x, y, eps=EPS) for wrapper in wrappers}
+
+
 def autoattack(model, x, y, attacks, **settings):
     from pyautoattack import AutoAttack
 
@@ -131,10 +139,10 @@ def test_fab_finds_a_crossing_inside_the_ball_and_reports_its_distance(cnn_data)
 
 
 @pytest.mark.parametrize("wrapper", [Quantised, Detached])
-def test_masked_gradients_escalate_to_a_full_square_attack(cnn_data, wrapper):
+def test_masked_gradients_escalate_to_a_full_square_attack(cnn_data, escalated, wrapper):
     model, x, y = cnn_data
     masked = wrapper(model).eval()
-    ours = evaluate_robustness(masked, x, y, eps=EPS)
+    ours = escalated[wrapper]
     assert ours.flags["zero_gradients"]
     assert ours.escalated and ours.flags["escalated"]
     assert ours.broken_by["square-escalation"] > 0
@@ -144,20 +152,18 @@ def test_masked_gradients_escalate_to_a_full_square_attack(cnn_data, wrapper):
     assert accuracy(masked, ours.adversarial, y) == pytest.approx(ours.robust_accuracy)
 
 
-def test_escalation_can_be_turned_off_and_then_the_number_is_optimistic(cnn_data):
+def test_escalation_can_be_turned_off_and_then_the_number_is_optimistic(cnn_data, escalated):
     model, x, y = cnn_data
-    masked = Quantised(model).eval()
-    flagged_only = evaluate_robustness(masked, x, y, eps=EPS, escalate=False)
-    escalated = evaluate_robustness(masked, x, y, eps=EPS)
-    assert not flagged_only.flags["escalated"]
-    assert escalated.robust_accuracy < flagged_only.robust_accuracy
+    flagged_only = evaluate_robustness(Quantised(model).eval(), x, y, eps=EPS, escalate=False)
+    assert flagged_only.flags["zero_gradients"] and not flagged_only.flags["escalated"]
+    assert escalated[Quantised].robust_accuracy < flagged_only.robust_accuracy
 
 
 @pytest.mark.slow
-def test_masked_model_is_no_better_than_autoattack_standard(cnn_data):
+def test_masked_model_is_no_better_than_autoattack_standard(cnn_data, escalated):
     model, x, y = cnn_data
     masked = Quantised(model).eval()
-    ours = evaluate_robustness(masked, x, y, eps=EPS)
+    ours = escalated[Quantised]
     adversarial = autoattack(masked, x, y, ["apgd-ce", "apgd-t", "fab-t", "square"])
     assert ours.robust_accuracy <= accuracy(masked, adversarial, y) + TOLERANCE
 
@@ -184,10 +190,8 @@ def test_a_randomised_model_is_no_better_than_autoattack_rand(cnn_data):
     assert 0 < ours.robust_accuracy < ours.clean_accuracy
 
 
-def test_every_broken_sample_names_the_attack_that_broke_it(cnn_data):
-    model, x, y = cnn_data
-    masked = Quantised(model).eval()
-    result = evaluate_robustness(masked, x, y, eps=EPS)
+def test_every_broken_sample_names_the_attack_that_broke_it(escalated):
+    result = escalated[Quantised]
     names = [name for name in result.attack_of if name is not None]
     assert len(names) == int((result.clean_correct & ~result.robust_correct).sum())
     counts = {name: names.count(name) for name in set(names)}
