@@ -60,3 +60,17 @@ def test_bad_attack_arguments_are_one_line_errors(photos: Path, tmp_path: Path, 
     assert main(["attack", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--clip",
                  "dvd-tiny-vit", "--labels", "a,b"]) == 2
     assert "neither a folder" in capsys.readouterr().err
+
+
+def test_images_can_come_from_a_webdataset_shard(photos: Path, tmp_path: Path):  # noqa: F811
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, file in enumerate(sorted((photos / "test" / "texture").iterdir())):
+            tar.add(file, arcname=f"{i:04d}.png")
+    out = tmp_path / "adv"
+    args = ["attack", "--images", str(shard), "--clip", "dvd-tiny-vit", "--labels", "texture,space",
+            "--eps", "4/255", "--steps", "2", "--attack", "apgd-ce", "--out", str(out)]
+    assert main(args) == 0
+    assert [r["id"] for r in records_of(out)] == ["0000", "0001", "0002"]
