@@ -193,7 +193,7 @@ def test_pope_writes_every_metric_for_every_split(world, checkpoint, tmp_path):
         assert row.metric == "yes_ratio" or row.adversarial <= row.clean
 
 
-def test_targeted_writes_success_and_contains_rows_per_target(world, checkpoint, tmp_path):
+def test_targeted_writes_success_and_exact_match_rows_per_target(world, checkpoint, tmp_path):
     rows = run(
         ["eval", "targeted"],
         tmp_path / "r.json",
@@ -211,7 +211,7 @@ def test_targeted_writes_success_and_contains_rows_per_target(world, checkpoint,
     assert [(r.attack, r.metric) for r in rows] == [
         (f"apgd-targeted:{t}", m)
         for t in ("a red circle.", "two blue squares.")
-        for m in ("success_rate", "contains_rate")
+        for m in ("success_rate", "exact_match_rate")
     ]
     for row in rows:
         assert (row.task, row.n, row.eps, row.steps) == ("targeted", 4, 8 / 255, 2)

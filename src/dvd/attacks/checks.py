@@ -21,7 +21,7 @@ logger = logging.getLogger("dvd.attacks")
 
 SATURATION_GAP = 30.0  # top-1 minus top-2 logit: softmax gradients below ~1e-13, gone in fp16/bf16
 SATURATION_SHARE = 0.1  # flag when at least this share of samples is saturated
-RANDOMNESS_TOLERANCE = 1e-4  # L2 distance of normalised logits between two identical forwards
+RANDOMNESS_TOLERANCE = 1e-3  # L2 distance of normalised logits; above GPU kernels' run-to-run noise
 
 
 def gradient_counts(classifier: Classifier, x: Tensor, labels: Tensor) -> tuple[int, int]:

@@ -143,6 +143,12 @@ def _margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
     return logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1) - z_y
 
 
+def _targeted_margin(logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
+    # z_t - z_y: its zero level set is the boundary between the label and the target (FAB-T's hyperplane).
+    assert targets is not None
+    return logits.gather(1, targets[:, None])[:, 0] - logits.gather(1, labels[:, None])[:, 0]
+
+
 LogitLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -189,6 +195,11 @@ def dlr(classifier: Classifier, labels: Tensor) -> LogitObjective:
 def targeted_dlr(classifier: Classifier, labels: Tensor, targets: Tensor) -> LogitObjective:
     """Targeted DLR towards ``targets`` (APGD-T); success is still any misclassification."""
     return LogitObjective(classifier, labels, _targeted_dlr, targets=targets)
+
+
+def targeted_margin(classifier: Classifier, labels: Tensor, targets: Tensor) -> LogitObjective:
+    """Logit difference ``z_t - z_y`` towards ``targets`` (FAB-T's decision boundary at 0)."""
+    return LogitObjective(classifier, labels, _targeted_margin, targets=targets)
 
 
 def margin(classifier: Classifier, labels: Tensor) -> LogitObjective:
@@ -321,6 +332,43 @@ def lm_nll(nll: Callable[..., Tensor], *, batch: Any = None, targeted: bool = Fa
     of a target string (e.g. a target caption). ``batch`` holds the per-sample token ids and masks.
     """
     return CallableObjective(nll, batch=batch, sign=-1.0 if targeted else 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Expectation over transformation (randomised models)
+
+
+class Expectation(Objective):
+    """``objective`` averaged over ``draws`` forwards: EOT (Athalye et al., 2018) for a randomised model.
+
+    The loss is the mean over draws, so its input gradient is the average gradient; a sample counts
+    as broken only when every draw says so, which keeps early stopping from trusting a lucky draw.
+    """
+
+    def __init__(self, objective: Objective, draws: int):
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"eot draws must be an integer >= 1, got {draws!r}")
+        self.objective = objective
+        self.draws = draws
+
+    def __call__(self, x: Tensor) -> ObjectiveOutput:
+        outs = [self.objective(x) for _ in range(self.draws)]
+        loss = torch.stack([o.loss for o in outs]).mean(dim=0)
+        if any(o.success is None for o in outs):
+            return ObjectiveOutput(loss)
+        return ObjectiveOutput(loss, torch.stack([o.success for o in outs]).all(dim=0))
+
+    def subset(self, index: Tensor) -> Expectation:
+        return Expectation(self.objective.subset(index), self.draws)
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return self.objective.modules()
+
+
+def expectation(objective: Objective, draws: int) -> Objective:
+    """``objective`` itself for one draw, else its EOT average over ``draws`` forwards."""
+    averaged = Expectation(objective, draws)  # validates draws
+    return objective if draws == 1 else averaged
 
 
 # --------------------------------------------------------------------------------------------------

@@ -428,6 +428,7 @@ def evaluate_captioning(
     dataset_name: str = "coco",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """Corpus CIDEr of greedy captions, clean and under attack, one row per budget (eps 0: clean only).
 
@@ -468,6 +469,7 @@ def evaluate_captioning(
         state_dir=state_dir,
         progress=progress,
         settings={"prompt": prompt},
+        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
@@ -549,5 +551,6 @@ def cli(argv: Sequence[str]) -> int:
         dataset_name=source.name,
         state_dir=state_dir,
         progress=not args.no_progress,
+        save_samples=options.save_samples,
     )
     return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)

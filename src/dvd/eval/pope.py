@@ -112,6 +112,7 @@ def evaluate_pope(
     dataset_name: str = "pope",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """POPE accuracy, precision, recall, F1 and yes-ratio of one POPE file, one row per metric and budget.
 
@@ -144,6 +145,7 @@ def evaluate_pope(
         state_dir=state_dir,
         progress=progress,
         settings={"suffix": suffix},
+        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
@@ -227,5 +229,6 @@ def cli(argv: Sequence[str]) -> int:
             dataset_name=name,
             state_dir=state_dir,
             progress=not args.no_progress,
+            save_samples=options.save_samples,
         )
     return va.finish(rows, options.out, state_dir, options.checkpoint)

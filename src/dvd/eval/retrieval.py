@@ -42,6 +42,7 @@ from dvd.eval.results import (
     state_path,
     write_rows,
 )
+from dvd.eval.samples import retrieval_records, writer_for
 from dvd.eval.zeroshot import evaluation_mode, wds_path
 from dvd.io import atomic_write, versions
 
@@ -102,8 +103,10 @@ def evaluate_retrieval(
     dataset_name: str | None = None,
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
-    """Recall@k both ways, clean and (per eps) with every image attacked; rows per metric and eps."""
+    """Recall@k both ways, clean and (per eps) with every image attacked; rows per metric and eps.
+    ``save_samples``: a directory for per-image records and adversarial images (:mod:`dvd.eval.samples`)."""
     if attack not in ATTACKS:
         raise ConfigError(f"unknown retrieval attack {attack!r}{suggest(attack, ATTACKS)}")
     model_name = model_name or getattr(model, "model_name", "model")
@@ -152,6 +155,10 @@ def evaluate_retrieval(
                 progress=progress,
                 n_images=len(clean_features),
                 label=f"{dataset_name} {attack} eps={eps_text(eps)}",
+                writer=writer_for(save_samples, task="retrieval", model=model_name, dataset=dataset_name,
+                                  attack=attack, eps=eps),
+                captions=captions,
+                clean_features=clean_features,
             )
             key = {
                 "model": model_name,
@@ -273,6 +280,9 @@ class _AttackRun:
     n_images: int = 0
     label: str = ""
     progress: bool = False
+    writer: Any = None  # a dvd.eval.samples.SampleWriter for --save-samples
+    captions: list[str] | None = None
+    clean_features: torch.Tensor | None = None
 
     @property
     def scale(self) -> float:
@@ -299,6 +309,11 @@ class _AttackRun:
                 index = torch.arange(done, done + len(images), device=device)
                 adversarial = self._attack(images.to(device), index, seed=self.seed + start)
                 features.append(_encode_images(self.model, adversarial))
+                if self.writer is not None:
+                    records = retrieval_records(index, self.clean_features[index], features[-1],
+                                                self.text_features, self.text_to_image, self.captions,
+                                                self.attack)
+                    self.writer.write(records, adversarial)
                 done += len(images)
             seconds += time.perf_counter() - tick
             _save_state(path, key, features, end, seconds)
@@ -434,6 +449,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--precision", default="fp32", help="model weights precision (open_clip's names)")
     parser.add_argument("--out", default="results.json", help="result rows JSON (merged into if it exists)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--save-samples", default=None, help="directory for per-image JSONL records + adversarial images"
+    )
     args = parser.parse_args(list(argv))
 
     if args.attack not in ATTACKS:
@@ -487,6 +505,7 @@ def cli(argv: Sequence[str]) -> int:
         model_name=model_name,
         state_dir=state_dir,
         progress=not args.no_progress,
+        save_samples=args.save_samples,
     )
     write_rows(out, options.mark_rows(rows, checkpoint))
     remove_states(state_dir, rows, suffix=".safetensors")

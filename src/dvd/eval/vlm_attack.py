@@ -166,6 +166,8 @@ class WorstCase:
         self.outputs = [[text] for text in outputs]
         self.scores = [float(s) for s in scores]
         self.best_reference = [0] * len(outputs)
+        self.sources = [["clean"] for _ in outputs]  # the stage behind each output
+        self.worst = [0] * len(outputs)  # the index of each sample's lowest-scoring output
 
     def alive(self, broken_at: float) -> list[int]:
         """Samples not yet broken: score above ``broken_at``."""
@@ -178,12 +180,15 @@ class WorstCase:
         outputs: Sequence[str],
         scores: Sequence[float],
         references: Sequence[int | None],
+        source: str = "attack",
     ) -> None:
         """Record the outputs of an attack on the samples ``index``; keep each one's lowest score."""
         for j, i in enumerate(index):
             self.outputs[i].append(outputs[j])
+            self.sources[i].append(source)
             if scores[j] < self.scores[i]:
                 self.scores[i] = float(scores[j])
+                self.worst[i] = len(self.outputs[i]) - 1
                 self.images[i] = images[j]
                 if references[j] is not None:
                     self.best_reference[i] = int(references[j])
@@ -234,7 +239,7 @@ def worst_case_attack(
             start=result.images[index] if stage.best else None,  # the paper: fp32 APGD from the best so far
         )
         texts = model.generate(adversarial, sub_prompts, max_new_tokens=max_new_tokens)
-        result.update(index, adversarial, texts, score(index, texts), chosen)
+        result.update(index, adversarial, texts, score(index, texts), chosen, source=stage.name)
     return result
 
 
@@ -333,17 +338,20 @@ def batch_outputs(
     broken_at: float,
     seed: int,
     max_new_tokens: int,
+    writer: Any = None,
 ) -> list[dict[str, Any]]:
     """The records of one batch: the task's fields, ``position`` and ``outputs`` (clean only without
-    ``stages``, else clean then every attacked output of :func:`worst_case_attack`)."""
+    ``stages``, else clean then every attacked output of :func:`worst_case_attack`). A ``writer``
+    (:class:`dvd.eval.samples.SampleWriter`) also gets each sample's record and worst-case image."""
     images = torch.stack([item["image"] for item in items]).to(model.device)
     prompts = [task.prompt(item) for item in items]
+    worst_case = None
     if stages:
 
         def score(index: Sequence[int], texts: Sequence[str]) -> list[float]:
             return [task.score(positions[i], items[i], text) for i, text in zip(index, texts, strict=True)]
 
-        outputs = worst_case_attack(
+        worst_case = worst_case_attack(
             model,
             images,
             prompts,
@@ -356,9 +364,15 @@ def batch_outputs(
             # seeded by the batch's first sample: a resumed run draws the same numbers
             generator=torch.Generator(device=model.device).manual_seed(seed + positions[0]),
             max_new_tokens=max_new_tokens,
-        ).outputs
+        )
+        outputs = worst_case.outputs
     else:
         outputs = [[text] for text in model.generate(images, prompts, max_new_tokens=max_new_tokens)]
+    if writer is not None:
+        from dvd.eval.samples import output_records
+
+        writer.write(output_records(task, positions, items, outputs, worst_case),
+                     None if worst_case is None else worst_case.images)
     return [
         {**task.record(p, item), "position": p, "outputs": out}
         for p, item, out in zip(positions, items, outputs, strict=True)
@@ -385,13 +399,16 @@ def evaluate_outputs(
     state_dir: str | Path | None,
     progress: bool,
     settings: dict[str, Any],
+    save_samples: str | Path | None = None,
 ) -> list[BudgetResult]:
     """Greedy outputs for every item of ``data``, clean and under the worst-case ensemble, per budget.
 
     ``eps == 0`` (or no ``stages``) gives the clean outputs only. ``settings`` (everything else the outputs
     depend on) goes into the resume key; the model is in eval mode with frozen parameters meanwhile.
+    ``save_samples``: a directory for per-sample records and worst-case images (:mod:`dvd.eval.samples`).
     """
     from dvd.eval.results import eps_text, state_path
+    from dvd.eval.samples import writer_for
     from dvd.eval.zeroshot import evaluation_mode
 
     results = []
@@ -424,6 +441,8 @@ def evaluate_outputs(
                 broken_at=broken_at,
                 seed=seed,
                 max_new_tokens=max_new_tokens,
+                writer=writer_for(save_samples, task=task_name, model=model_name, dataset=dataset_name,
+                                  attack=name, eps=eps),
             )
             state_file = None
             if state_dir is not None:
@@ -491,6 +510,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, attacks: Sequence[s
         "--dtype", default="fp32", choices=sorted(DTYPES), help="model weights (fp32 keeps fp32 attacks fp32)"
     )
     parser.add_argument("--out", default="results.json", help="result rows JSON (merged into if it exists)")
+    parser.add_argument(
+        "--save-samples", default=None, help="directory for per-sample JSONL records + worst-case images"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -507,6 +529,7 @@ class CommonOptions:
     max_new_tokens: int | None
     out: Path
     checkpoint: str = ""  # what --model is, as recorded in the rows (dvd.eval.options.model_checkpoint)
+    save_samples: Path | None = None
 
 
 def parse_common(args: argparse.Namespace, attacks: Sequence[str]) -> CommonOptions:
@@ -540,6 +563,7 @@ def parse_common(args: argparse.Namespace, attacks: Sequence[str]) -> CommonOpti
         else positive_int(args.max_new_tokens, "--max-new-tokens"),
         out=out,
         checkpoint=checkpoint,
+        save_samples=None if getattr(args, "save_samples", None) is None else Path(args.save_samples),
     )
 
 

@@ -174,6 +174,7 @@ def evaluate_vqa(
     dataset_name: str = "vqav2",
     state_dir: str | Path | None = None,
     progress: bool = True,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """VQAv2 accuracy of greedy answers, clean and under attack, one row per budget (eps 0: clean only).
 
@@ -214,6 +215,7 @@ def evaluate_vqa(
         state_dir=state_dir,
         progress=progress,
         settings={"suffix": suffix},
+        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
@@ -409,5 +411,6 @@ def cli(argv: Sequence[str]) -> int:
         dataset_name=dataset_name,
         state_dir=state_dir,
         progress=not args.no_progress,
+        save_samples=options.save_samples,
     )
     return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)

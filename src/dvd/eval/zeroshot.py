@@ -52,6 +52,23 @@ ATTACKS: dict[str, tuple[str, ...]] = {
 PLACEHOLDER = "{c}"
 
 
+def resolve_attacks(attack: str) -> tuple[str, ...]:
+    """The ensemble behind ``--attack``: a name above, ``aa-standard`` or a comma list of dvd's attacks."""
+    if attack in ATTACKS:
+        return ATTACKS[attack]
+    from dvd.attacks import ATTACKS as ENSEMBLE_ATTACKS
+    from dvd.attacks import PRESETS, parse_attacks
+
+    known = sorted({*ATTACKS, *PRESETS, *ENSEMBLE_ATTACKS})
+    for name in attack.split(",") if attack not in PRESETS else ():
+        if name.strip() not in ENSEMBLE_ATTACKS:
+            raise ConfigError(f"unknown attack {name.strip()!r}{suggest(name.strip(), known)}")
+    try:
+        return parse_attacks(attack)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 class ZeroShotData(Protocol):
     """What :func:`dvd.data.zeroshot.load_zeroshot` returns."""
 
@@ -128,6 +145,8 @@ def evaluate_zeroshot(
     text_batch_size: int = 256,
     workers: int = 0,
     progress: bool = True,
+    eot: int | None = None,
+    save_samples: str | Path | None = None,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``eps_list``.
 
@@ -135,17 +154,18 @@ def evaluate_zeroshot(
     ``attack_precision`` is "bf16"/"fp16" (the paper evaluates without AMP; successes are re-checked in
     fp32). ``check=False`` skips the gradient-masking checks (rows then carry ``masking_checks_skipped``).
     With ``state_dir``, the per-sample results are saved after every batch and a rerun resumes.
+    ``eot`` averages the attacks' gradients over that many draws (None: only for a randomised model).
+    ``save_samples``: a directory for per-sample records and adversarial images (:mod:`dvd.eval.samples`).
     """
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}{suggest(attack, ATTACKS)}")
+    attacks = resolve_attacks(attack)
     model_name = model_name or getattr(model, "model_name", "model")
     dataset_name = dataset_name or data.name
     budgets = [0.0] if attack == "none" else [float(e) for e in eps_list]
     if not budgets:
         raise ConfigError("empty eps list; give at least one budget, e.g. --eps 4/255")
-    attacks = ATTACKS[attack]
-    if attack == "aa" and len(data.classnames) <= 2:
-        attacks = ("apgd-ce",)  # a targeted attack has no other class to aim at (paper: APGD-CE only)
+    if len(data.classnames) <= 2 and {"apgd-t", "fab-t"} & set(attacks):
+        # a targeted attack has no other class to aim at (paper: APGD-CE only)
+        attacks = tuple(a for a in attacks if a not in ("apgd-t", "fab-t")) or ("apgd-ce",)
     with evaluation_mode(model):
         classifier = ZeroShotClassifier(
             model, data.classnames, data.templates, text_batch_size=text_batch_size
@@ -170,6 +190,8 @@ def evaluate_zeroshot(
                 check=check,
                 progress=progress,
                 fingerprint=fingerprint,
+                eot=eot,
+                save_samples=save_samples,
             )
             rows.append(run.evaluate(state_dir))
     flag_rising_robustness(rows)
@@ -196,6 +218,20 @@ class _Budget:
     workers: int
     progress: bool
     fingerprint: str
+    eot: int | None = None
+    save_samples: str | Path | None = None
+
+    def _save(self, start: int, labels: torch.Tensor, clean: torch.Tensor, adversarial: Any = None,
+              attack_of: Any = None, loss: Any = None, images: torch.Tensor | None = None) -> None:
+        """Per-sample records (and adversarial images) for ``--save-samples``."""
+        from dvd.eval.samples import classification_records, writer_for
+
+        writer = writer_for(self.save_samples, task="zeroshot", model=self.model_name,
+                            dataset=self.dataset_name, attack=self.attack, eps=self.eps)
+        if writer is not None:
+            names = self.classifier.classnames
+            writer.write(classification_records(start, labels, clean, adversarial, attack_of, loss, names),
+                         images)
 
     @property
     def key(self) -> dict[str, Any]:
@@ -213,6 +249,7 @@ class _Budget:
             "attack_precision",
             "check",
             "fingerprint",
+            "eot",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -306,11 +343,12 @@ class _Budget:
                 torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
             )
             with torch.no_grad(), autocast:
-                clean = self.classifier(images).argmax(dim=1) == labels
-            return clean.cpu(), None, set()
+                predicted = self.classifier(images).argmax(dim=1)
+            self._save(start, labels, predicted)
+            return (predicted == labels).cpu(), None, set()
         seed = self.seed + start  # per-batch seed from the sample offset: a resumed run draws the same
         if self.attack == "pgd":
-            return self._pgd(images, labels, seed)
+            return self._pgd(images, labels, seed, start)
         from dvd.attacks import evaluate_robustness
 
         result = evaluate_robustness(
@@ -324,11 +362,16 @@ class _Budget:
             seed=seed,
             precision=self.attack_precision,
             check=self.check,
-        )
-        return result.clean_correct.cpu(), result.robust_correct.cpu(), set(_flag_names(result.flags))
+            eot=self.eot,
+        )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
+        if self.save_samples is not None:
+            with torch.no_grad():
+                clean, attacked = (self.classifier(x).argmax(dim=1) for x in (images, result.adversarial))
+            self._save(start, labels, clean, attacked, result.attack_of, result.loss, result.adversarial)
+        return result.clean_score.cpu(), result.robust_score.cpu(), set(_flag_names(result.flags))
 
     def _pgd(
-        self, images: torch.Tensor, labels: torch.Tensor, seed: int
+        self, images: torch.Tensor, labels: torch.Tensor, seed: int, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         """Plain L-inf PGD on the cross-entropy (step 2.5 eps / steps) of the clean-correct samples."""
         from dvd.attacks import cross_entropy, low_precision, pgd_attack
@@ -337,6 +380,8 @@ class _Budget:
             clean = self.classifier(images).argmax(dim=1) == labels
         robust = clean.clone()
         index = clean.nonzero()[:, 0]
+        adversarial = images.clone()
+        loss = torch.full((len(labels),), float("nan"), device=images.device)
         if index.numel():
             forward = low_precision(self.classifier, self.attack_precision)
             generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -349,6 +394,12 @@ class _Budget:
             )
             with torch.no_grad():  # judged in fp32 whatever precision the attack ran in
                 robust[index] = self.classifier(found.adversarial).argmax(dim=1) == labels[index]
+            adversarial[index], loss[index] = found.adversarial, found.loss.float()
+        if self.save_samples is not None:
+            with torch.no_grad():
+                before, after = (self.classifier(x).argmax(dim=1) for x in (images, adversarial))
+            attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
+            self._save(start, labels, before, after, attack_of, loss, adversarial)
         return clean.cpu(), robust.cpu(), {"masking_checks_skipped"}  # the checks belong to the ensemble
 
 
@@ -379,7 +430,16 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
     parser.add_argument(
-        "--attack", default="apgd-ce", help="apgd-ce (default), aa (apgd-ce + apgd-t), pgd, none"
+        "--attack",
+        default="apgd-ce",
+        help="apgd-ce (default), aa (apgd-ce + apgd-t), aa-standard (+ fab-t, square), pgd, none, "
+        "or a comma list of apgd-ce, apgd-t, apgd-dlr, fab-t, square",
+    )
+    parser.add_argument(
+        "--eot", default=None, help="average gradients over N draws (default: 20 if the model is random)"
+    )
+    parser.add_argument(
+        "--save-samples", default=None, help="directory for per-sample JSONL records + adversarial images"
     )
     parser.add_argument("--steps", default="100")
     parser.add_argument("--batch-size", default="64")
@@ -400,8 +460,8 @@ def cli(argv: Sequence[str]) -> int:
         return run(args)
     if not args.dataset:
         raise ConfigError("give --dataset (repeatable) or --protocol robustvlm|dvd")
-    if args.attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
+    resolve_attacks(args.attack)
+    eot = None if args.eot is None else positive_int(args.eot, "--eot")
     # checked even with --attack none: a typo is a typo
     eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
     steps = positive_int(args.steps, "--steps")
@@ -452,6 +512,8 @@ def cli(argv: Sequence[str]) -> int:
                 attack_precision=args.attack_precision,
                 workers=workers,
                 progress=not args.no_progress,
+                eot=eot,
+                save_samples=args.save_samples,
             )
             write_rows(out, options.mark_rows(rows, checkpoint))
             all_rows += rows
