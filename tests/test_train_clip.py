@@ -77,7 +77,7 @@ def test_delta_trains_checkpoints_logs_attack_and_evaluates(world, tmp_path):
         world, tmp_path, "recipe=delta", "steps=4", "attack_steps=2", "checkpoint_every=2", "log_every=2",
         "eval_every=4", "eval_tasks=color", "eval_samples=8", "eval_attack_steps=2", "keep_last=1",
     )  # fmt: skip
-    assert summary["step"] == 4 and summary["skipped"] == 0
+    assert summary["step"] == 4 and summary["skipped_steps"] == 0
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert checkpoints == ["step-000000004"]  # keep_last=1 pruned step 2
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000000004"
@@ -272,6 +272,21 @@ def test_finetuning_without_a_pretrained_model_names_the_fix():
         check_config(_cfg("recipe=tecoa"))
 
 
+def test_an_unknown_model_name_suggests_the_closest_few_not_every_open_clip_name(world, tmp_path, capsys):
+    from dvd.cli import main as dvd_main
+
+    args = [f"data={world}", f"output_dir={tmp_path}", *TINY, "model=nosuch", "steps=1"]
+    assert dvd_main(["train", "clip", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dvd: error: unknown CLIP model 'nosuch' (closest of ") and "\n" not in err
+    assert len(err) < 400, err
+
+
+def test_negative_weight_decay_is_refused():
+    with pytest.raises(ConfigError, match="weight_decay must be a number >= 0, got -1"):
+        check_config(_cfg("weight_decay=-1"))
+
+
 def test_eps_above_one_without_unit_is_refused():
     with pytest.raises(ConfigError, match="/255"):
         check_config(_cfg("eps=4"))
@@ -308,4 +323,4 @@ def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(world, tmp_pat
         tmp_path / "pairs.csv", tmp_path / "out", "recipe=delta", "steps=3", "checkpoint_every=3",
         "attack_steps=1", f"csv_image_root={world / 'images'}",
     )  # fmt: skip
-    assert summary["step"] == 3 and summary["skipped"] == 0
+    assert summary["step"] == 3 and summary["skipped_steps"] == 0

@@ -210,6 +210,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
         llava, image_size=32, collator=vlm.collator(template="plain"), caption_prompt=""
     )
     assert len(list(data)) == len(data) - 1 and data.skipped == 1
+    assert len(list(data)) == len(data) - 1 and data.skipped == 1  # a second epoch counts it once
 
 
 @pytest.mark.parametrize(
@@ -220,6 +221,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
         (["data_format=lava"], "did you mean 'llava'"),
         (["init=/nonexistent/run"], "run stage 1 first"),
         (["data=/nonexistent/world"], "no such data file"),
+        (["weight_decay=-1"], "weight_decay must be a number >= 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_fix(args, message, world, tmp_path, capsys):

@@ -187,6 +187,8 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ConfigError(f"weight_decay must be a number >= 0, got {cfg.weight_decay}")
     if cfg.clean_loss_weight < 0:
         raise ConfigError(f"clean_loss_weight must be >= 0, got {cfg.clean_loss_weight}")
     if cfg.recipe in ("tecoa", "fare") and cfg.pretrained is None and not Path(cfg.model).is_dir():
@@ -923,8 +925,9 @@ def _train(cfg: ClipTrainConfig, env: DistEnv) -> dict[str, Any]:
         state = full_model_state(model)
         if env.is_main:
             export_final(weights_io, state, final)
-    summary = {"step": result.step, "skipped": result.skipped, "final": str(final) if finished else None,
-               "resumed_from": start, "seconds": round(result.seconds, 3), "last": result.last}
+    summary = {"step": result.step, "skipped_steps": result.skipped,
+               "final": str(final) if finished else None, "resumed_from": start,
+               "seconds": round(result.seconds, 3), "last": result.last}
     if env.is_main:
         write_json(out / "summary.json", summary)
     barrier(env)
@@ -949,7 +952,7 @@ def cli(argv: Sequence[str]) -> int:
         description="ΔCLIP adversarial pre-training, clean CLIP, TeCoA and FARE fine-tuning; torchrun-ready.",
         config_cls=ClipTrainConfig,
         train=train_clip,
-        summary_keys=("step", "skipped", "final", "resumed_from"),
+        summary_keys=("step", "skipped_steps", "final", "resumed_from"),
         recipes="configs/clip_*.yaml",
     )
 

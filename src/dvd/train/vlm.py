@@ -160,6 +160,8 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
         value = getattr(cfg, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name} must be a positive number, got {value}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ConfigError(f"weight_decay must be a number >= 0, got {cfg.weight_decay}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lm_dtype is not None and cfg.lm_dtype not in DTYPES:
@@ -276,7 +278,7 @@ def _train(cfg: VlmTrainConfig, env: DistEnv) -> dict[str, Any]:
     if finished:  # a stopped (stop_at) run leaves only its checkpoint
         export_final(cfg, model, source, final, env)
     summary = {
-        "step": result.step, "steps": steps, "skipped": result.skipped,
+        "step": result.step, "steps": steps, "skipped_steps": result.skipped,
         "final": str(final) if finished else None, "resumed_from": start,
         "seconds": round(result.seconds, 3), "skipped_samples": dataset.skipped, "last": result.last,
     }  # fmt: skip
@@ -328,7 +330,7 @@ def cli(argv: Sequence[str]) -> int:
         description="LLaVA-style stage 1 / stage 2 training, clean or Δ² adversarial; torchrun-ready.",
         config_cls=VlmTrainConfig,
         train=train_vlm,
-        summary_keys=("step", "steps", "skipped", "final", "resumed_from"),
+        summary_keys=("step", "steps", "skipped_steps", "skipped_samples", "final", "resumed_from"),
         recipes="configs/vlm_*.yaml",
     )
 

@@ -86,7 +86,8 @@ class Conversations(Dataset):
 
     LLaVA items keep their conversations; COCO items give one sample per (image, reference caption),
     asked with ``caption_prompt``. A sample whose image is unreadable (the reader returns None) or
-    whose conversation the collator cannot encode is skipped, counted in ``skipped`` and warned once.
+    whose conversation the collator cannot encode is skipped, counted once in ``skipped`` however
+    often it is read (epochs, resume), and warned about (the first three).
     """
 
     def __init__(self, reader: Any, index: Sequence[tuple[int, int]], *, kind: str, collator: VLMCollator,
@@ -96,7 +97,12 @@ class Conversations(Dataset):
         self.kind = kind
         self.collator = collator
         self.caption_prompt = caption_prompt
-        self.skipped = 0
+        self.skipped_indices: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct samples were skipped (in this process)."""
+        return len(self.skipped_indices)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -105,7 +111,7 @@ class Conversations(Dataset):
         record, caption = self.index[i]
         item = self.reader[record]
         if item is None or item.get("image") is None:
-            self.skipped += 1
+            self.skipped_indices.add(i)
             return None
         if self.kind == "coco":
             conversation = make_conversation(self.caption_prompt, item["captions"][caption])
@@ -116,9 +122,9 @@ class Conversations(Dataset):
         except ConfigError:
             raise
         except (ValueError, KeyError, TypeError) as error:
-            self.skipped += 1
-            if self.skipped <= 3:
+            if i not in self.skipped_indices and self.skipped < 3:
                 log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
+            self.skipped_indices.add(i)
             return None
         return {"image": item["image"], "conversations": conversation}
 
