@@ -86,6 +86,7 @@ from dvd.train.loop import (
     unwrap,
     wrap_model,
 )
+from dvd.train.output import claim_output_dir
 
 RECIPES = ("clean", "delta", "tecoa", "fare")
 DATA_FORMATS = ("auto", "shapesworld", "webdataset", "csv", "zeroshot")
@@ -792,7 +793,8 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, Any]:
     cfg = check_config(cfg)
     env = setup_distributed(cfg.device)
     try:
-        return _train(cfg, env)
+        with claim_output_dir(cfg.output_dir, env):
+            return _train(cfg, env)
     finally:
         teardown_distributed()
 

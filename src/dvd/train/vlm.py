@@ -57,6 +57,7 @@ from dvd.train.loop import (
     unwrap,
     wrap_model,
 )
+from dvd.train.output import claim_output_dir
 from dvd.train.vlm_data import DataSource, build_conversations, resolve_source
 from dvd.train.vlm_model import DTYPES, TINY_LLAMA, build_vlm, fsdp_units, merge_lora, optimizer_groups
 from dvd.train.vlm_step import InstructionLoss, InstructionStep
@@ -193,7 +194,8 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
     cfg = check_config(cfg)
     env = setup_distributed(cfg.device)
     try:
-        return _train(cfg, env)
+        with claim_output_dir(cfg.output_dir, env):
+            return _train(cfg, env)
     finally:
         teardown_distributed()
 
