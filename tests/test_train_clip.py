@@ -150,6 +150,20 @@ def test_resolution_phases_train_low_res_then_full_res_and_keep_a_full_size_embe
 # ------------------------------------------------------------------------------------------ pieces
 
 
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ("steps=4", "trained with steps=2 but this run has steps=4: the lr schedule is fixed"),
+        ("warmup_steps=2", "trained with warmup_steps=1 but this run has warmup_steps=2: the lr schedule"),
+        ("lr=1e-3", "trained with lr=[0.0005, 0.0005] but this run has lr=[0.001, 0.001]: the lr schedule"),
+    ],
+)
+def test_resuming_with_another_schedule_is_refused_with_the_reason(changed, message, world, tmp_path):
+    run(world, tmp_path, "recipe=clean", "steps=2", "checkpoint_every=2")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(world, tmp_path, "recipe=clean", "steps=2", "resume=latest", changed)
+
+
 def test_interpolated_positions_are_identity_at_native_size_and_differentiable_when_smaller():
     positions = InterpolatedPositions((4, 4))
     full = torch.randn(17, 8, requires_grad=True)

@@ -873,8 +873,8 @@ def _train(cfg: ClipTrainConfig, env: DistEnv) -> dict[str, Any]:
     )
     checkpoints = CheckpointManager(
         out / "checkpoints", env, keep_last=cfg.keep_last, config=to_dict(cfg),
-        fingerprint={"recipe": cfg.recipe, "model": clip.model_name}, save_weights=weights_io.save,
-        load_weights=weights_io.load,
+        fingerprint={"recipe": cfg.recipe, "model": clip.model_name, "steps": cfg.steps},
+        save_weights=weights_io.save, load_weights=weights_io.load,
     )  # fmt: skip
 
     start = 0

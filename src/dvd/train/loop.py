@@ -713,10 +713,12 @@ class CheckpointManager:
         saved = meta.get("fingerprint", {})
         for key, value in self.fingerprint.items():
             if key in saved and saved[key] != value:
+                fix = FIXED_AT_START if key in SCHEDULE_KEYS.values() else (
+                    f"use the same {key} or start a fresh output_dir"
+                )
                 raise ConfigError(
                     f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
-                    f"{key}={value!r}; "
-                    f"use the same {key} or start a fresh output_dir"
+                    f"{key}={value!r}: {fix}"
                 )
         state = load_trusted_state(path / TRAIN_STATE)
         if int(state["world_size"]) != self.env.world_size:
@@ -957,6 +959,25 @@ def fit(
     return FitResult(step=step, skipped=guard.skipped, seconds=time.perf_counter() - started, last=last)
 
 
+# the schedule's settings, by the config key that sets them
+SCHEDULE_KEYS = {"total_steps": "steps", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
+                 "base_lrs": "lr"}  # fmt: skip
+FIXED_AT_START = (
+    "the lr schedule is fixed when a run starts; use the same value, or train longer from this run's "
+    "final model in a fresh output_dir"
+)
+
+
+def check_same_schedule(saved: dict[str, Any], configured: dict[str, Any], path: Path) -> None:
+    """Refuse to resume when the run asks for another schedule than the checkpoint's (it would be ignored)."""
+    for key, name in SCHEDULE_KEYS.items():
+        if saved[key] != configured[key]:
+            raise ConfigError(
+                f"checkpoint {path} was trained with {name}={saved[key]} but this run has "
+                f"{name}={configured[key]}: {FIXED_AT_START}"
+            )
+
+
 def restore(
     checkpoints: CheckpointManager,
     path: Path,
@@ -970,6 +991,7 @@ def restore(
 ) -> tuple[int, dict[str, Any]]:
     """Load checkpoint ``path`` into every part; returns (step to continue from, the ``extra`` state)."""
     state = checkpoints.load(path, model=model, optimizer=optimizer)
+    check_same_schedule(state["scheduler"], schedule.state_dict(), path)
     schedule.load_state_dict(state["scheduler"])
     guard.load_state_dict(state["guard"])
     if scaler is not None and state.get("scaler"):
