@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from open_clip.constants import IMAGENET_MEAN, OPENAI_DATASET_MEAN
 from safetensors.torch import load_file
 
 from dvd.config import ConfigError, load_config
@@ -162,6 +163,23 @@ def test_resuming_with_another_schedule_is_refused_with_the_reason(changed, mess
     run(world, tmp_path, "recipe=clean", "steps=2", "checkpoint_every=2")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run(world, tmp_path, "recipe=clean", "steps=2", "resume=latest", changed)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "mean"),
+    [("model", OPENAI_DATASET_MEAN), ("openai", OPENAI_DATASET_MEAN),
+     ("imagenet", IMAGENET_MEAN)],
+)  # fmt: skip
+def test_the_recipe_normalization_is_a_setting_saved_with_the_model(normalization, mean, world, tmp_path):
+    summary = run(world, tmp_path, "recipe=clean", "steps=1", f"normalization={normalization}")
+    saved = load_clip(summary["final"])
+    assert saved.preprocess_cfg["mean"] == pytest.approx(list(mean))
+    assert saved.mean.flatten().tolist() == pytest.approx(list(mean))
+
+
+def test_an_unknown_normalization_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="did you mean 'imagenet'"):
+        check_config(_cfg("normalization=imagenett"))
 
 
 def test_interpolated_positions_are_identity_at_native_size_and_differentiable_when_smaller():

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -89,6 +90,11 @@ from dvd.train.loop import (
 from dvd.train.output import claim_output_dir
 
 RECIPES = ("clean", "delta", "tecoa", "fare")
+# per-channel mean/std a recipe may normalise with (open_clip's constants); "model" keeps the model's own
+NORMALIZATIONS = {
+    "openai": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 DATA_FORMATS = ("auto", "shapesworld", "webdataset", "csv", "zeroshot")
 SHAPESWORLD_TASKS = ("shape", "color", "count", "size", "texture")
 
@@ -100,6 +106,7 @@ class ClipTrainConfig:
     recipe: str = "delta"
     model: str = "dvd-tiny-vit"  # open_clip name, model-config JSON, hf-hub: tag or checkpoint folder
     pretrained: str | None = None  # tecoa/fare start: checkpoint folder, open_clip tag or weights file
+    normalization: str = "model"  # mean/std inside the model: model (its config's), openai or imagenet
     output_dir: str = "runs/clip"
     # data
     data: str = ""  # ShapesWorld root, webdataset shards (brace lists, '::', pipe:), CSV/TSV, zero-shot root
@@ -172,6 +179,9 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
         raise ConfigError(f"unknown data_format {cfg.data_format!r}{suggest(cfg.data_format, DATA_FORMATS)}")
     if cfg.attack_mode not in ("eval", "train"):
         raise ConfigError(f"attack_mode {cfg.attack_mode!r} is not one of eval, train")
+    if cfg.normalization != "model" and cfg.normalization not in NORMALIZATIONS:
+        choices = ("model", *NORMALIZATIONS)
+        raise ConfigError(f"unknown normalization {cfg.normalization!r}{suggest(cfg.normalization, choices)}")
     if not cfg.data:
         raise ConfigError("no training data; set data=DIR (ShapesWorld root), shard urls or a CSV file")
     for name in (
@@ -737,6 +747,7 @@ def make_evaluator(
             return None
         copy = create_clip(clip.model_name if not Path(cfg.model).is_dir() else cfg.model, device=env.device)
         copy.model.load_state_dict({_export_key(k): v for k, v in state.items() if _export_key(k)})
+        copy.set_normalization(clip.mean.flatten().tolist(), clip.std.flatten().tolist())
         return copy
 
     def evaluate(step: int) -> dict[str, float]:
@@ -782,10 +793,17 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
 
 
 def load_start_model(cfg: ClipTrainConfig, device: torch.device) -> DvdCLIP:
-    """Random init for clean/delta (unless ``pretrained``); the pre-trained CLIP for tecoa/fare."""
+    """Random init for clean/delta (unless ``pretrained``); the pre-trained CLIP for tecoa/fare.
+
+    ``normalization`` other than ``model`` replaces the model's mean/std (saved with its weights).
+    """
     if cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
-        return create_clip(cfg.pretrained, device=device)
-    return create_clip(cfg.model, pretrained=cfg.pretrained, device=device)
+        clip = create_clip(cfg.pretrained, device=device)
+    else:
+        clip = create_clip(cfg.model, pretrained=cfg.pretrained, device=device)
+    if cfg.normalization in NORMALIZATIONS:
+        clip.set_normalization(*NORMALIZATIONS[cfg.normalization])
+    return clip
 
 
 def train_clip(cfg: ClipTrainConfig) -> dict[str, Any]:
