@@ -3,6 +3,7 @@ temporaries a killed run left are removed on the next start."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,11 +14,17 @@ from pathlib import Path
 import pytest
 
 from dvd.config import ConfigError, load_config
+from dvd.models.clip import create_clip
 from dvd.train.clip import ClipTrainConfig, train_clip
 from dvd.train.loop import DistEnv
 from dvd.train.output import claim_output_dir, remove_stale_temporaries
 
 TINY = ["model=dvd-tiny-vit", "batch_size=8", "progress=false", "warmup_steps=1", "shuffle_buffer=16"]
+
+
+def _clip_config(world: Path, out: Path, *extra: str) -> ClipTrainConfig:
+    overrides = [f"data={world}", f"output_dir={out}", "recipe=clean", *TINY, *extra]
+    return load_config(ClipTrainConfig, None, overrides)
 
 
 def _clip_command(world: Path, out: Path, *extra: str) -> list[str]:
@@ -80,10 +87,7 @@ def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(shapesworld, 
     for path in litter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
-    cfg = load_config(
-        ClipTrainConfig, None, [f"data={shapesworld}", f"output_dir={out}", "recipe=clean", "steps=1", *TINY]
-    )
-    summary = train_clip(cfg)
+    summary = train_clip(_clip_config(shapesworld, out, "steps=1"))
     assert Path(summary["final"]).is_dir()
     hidden = [p.name for folder in (out, out / "checkpoints") for p in folder.iterdir() if p.name[0] == "."]
     assert hidden == [".lock"]
@@ -96,3 +100,14 @@ def test_only_temporary_names_are_removed(tmp_path):
     (tmp_path / ".old-final").mkdir()
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".old-final"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_from_scratch_training_does_not_warn_that_no_pretrained_weights_were_loaded(
+    shapesworld, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING):
+        train_clip(_clip_config(shapesworld, tmp_path, "steps=1"))
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # outside training, open_clip's warning is left alone
+        create_clip("dvd-tiny-vit")
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

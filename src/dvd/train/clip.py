@@ -36,6 +36,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -88,6 +89,7 @@ from dvd.train.loop import (
     wrap_model,
 )
 from dvd.train.output import claim_output_dir
+from dvd.train.scratch import random_init_expected
 
 RECIPES = ("clean", "delta", "tecoa", "fare")
 # per-channel mean/std a recipe may normalise with (open_clip's constants); "model" keeps the model's own
@@ -745,7 +747,9 @@ def make_evaluator(
         state = full_model_state(model)
         if not env.is_main:
             return None
-        copy = create_clip(clip.model_name if not Path(cfg.model).is_dir() else cfg.model, device=env.device)
+        name = clip.model_name if not Path(cfg.model).is_dir() else cfg.model
+        with random_init_expected():  # the trained weights are loaded next
+            copy = create_clip(name, device=env.device)
         copy.model.load_state_dict({_export_key(k): v for k, v in state.items() if _export_key(k)})
         copy.set_normalization(clip.mean.flatten().tolist(), clip.std.flatten().tolist())
         return copy
@@ -800,7 +804,8 @@ def load_start_model(cfg: ClipTrainConfig, device: torch.device) -> DvdCLIP:
     if cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
         clip = create_clip(cfg.pretrained, device=device)
     else:
-        clip = create_clip(cfg.model, pretrained=cfg.pretrained, device=device)
+        with random_init_expected() if cfg.pretrained is None else contextlib.nullcontext():
+            clip = create_clip(cfg.model, pretrained=cfg.pretrained, device=device)
     if cfg.normalization in NORMALIZATIONS:
         clip.set_normalization(*NORMALIZATIONS[cfg.normalization])
     return clip

@@ -5,6 +5,7 @@ optimizer groups with a learning rate per part; the units FSDP shards.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from dvd.config import ConfigError
 from dvd.models.vlm import RECIPE_NAME, VisionLanguageModel, create_vlm, load_vlm
 from dvd.models.vlm_conversation import get_template
 from dvd.train.loop import seed_everything
+from dvd.train.scratch import random_init_expected
 from dvd.train.vlm_data import DataSource, shapesworld_tokenizer
 
 if TYPE_CHECKING:
@@ -73,10 +75,13 @@ def build_vlm(
     elif cfg.init is not None:
         vlm = load_vlm(init_folder(cfg.init), dtype=dtype)
     else:
-        vlm = create_vlm(
-            cfg.vision, cfg.lm, tokenizer=load_tokenizer(cfg, source), template=cfg.template or "vicuna_v1",
-            vision_pretrained=cfg.vision_pretrained, feature_layer=cfg.feature_layer, lm_dtype=dtype,
-        )  # fmt: skip
+        quiet = random_init_expected() if cfg.vision_pretrained is None else contextlib.nullcontext()
+        with quiet:
+            vlm = create_vlm(
+                cfg.vision, cfg.lm, tokenizer=load_tokenizer(cfg, source),
+                template=cfg.template or "vicuna_v1", vision_pretrained=cfg.vision_pretrained,
+                feature_layer=cfg.feature_layer, lm_dtype=dtype,
+            )  # fmt: skip
     if cfg.template is not None:
         vlm.template = get_template(cfg.template)
     if cfg.grad_checkpointing:
