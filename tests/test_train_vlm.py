@@ -184,6 +184,21 @@ def test_lora_trains_adapters_with_per_part_learning_rates_and_saves_a_merged_mo
     assert not any("lora" in k for k in model.lm.state_dict())
 
 
+def test_a_karpathy_split_file_gives_its_training_captions_as_stage1_samples(world, tmp_path):
+    root = world / "sw"
+    karpathy = root / "captions" / "karpathy_split.json"
+    source = resolve_source(str(karpathy), "auto", str(root / "images"), 1)
+    assert source.kind == "karpathy"
+    cfg = tiny_config(world, tmp_path, "stage=1")
+    vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 1))
+    data = build_conversations(source, image_size=32, collator=vlm.collator(template="plain"),
+                               caption_prompt="Describe the image briefly.")  # fmt: skip
+    train = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] in ("train", "restval")]
+    assert len(data) == sum(len(e["sentences"]) for e in train)
+    assert data[0]["conversations"][1]["value"] == train[0]["sentences"][0]["raw"]
+    assert data[0]["image"].shape == (3, 32, 32) and data.skipped == 0
+
+
 def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_are_skipped(world, tmp_path):
     root = world / "sw"
     source = resolve_source(str(root / "captions" / "annotations.json"), "auto", str(root / "images"), 1)

@@ -83,8 +83,8 @@ class VlmTrainConfig:
     template: str | None = None  # conversation template of the model (default: vicuna_v1, or the init's)
     data_template: str | None = None  # template of the training data (default: plain in stage 1)
     # data
-    data: str = ""  # ShapesWorld root, LLaVA JSON (list) or COCO captions JSON (object)
-    data_format: str = "auto"  # auto | shapesworld | llava | coco
+    data: str = ""  # ShapesWorld root, LLaVA JSON (list), COCO captions or Karpathy split JSON (objects)
+    data_format: str = "auto"  # auto | shapesworld | llava | coco | karpathy
     image_root: str | None = None  # folder the JSON's image paths are relative to
     caption_prompt: str = "Describe the image briefly."  # the question of COCO caption samples
     max_length: int | None = 2048
