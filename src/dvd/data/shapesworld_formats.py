@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import struct
 import tarfile
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -517,14 +520,6 @@ def llava_sets(
 # ----------------------------------------------------------------------------------------- the world
 
 
-def _clear_previous(root: Path) -> None:
-    """Remove the numbered files an earlier generation may have left (so stale shards never linger)."""
-    patterns = ("pretrain/shard-*.tar", "images/train/*.png", "images/test/*.png", "zeroshot/*/test/*.tar")
-    for pattern in patterns:
-        for path in root.glob(pattern):
-            path.unlink()
-
-
 def _write_images(
     root: Path, seed: int, stream: int, split: str, first_id: int, n: int, image_size: int
 ) -> list[tuple[int, str, Scene, list[str]]]:
@@ -551,22 +546,72 @@ def write_world(
     instruct_size: int | None,
     shard_size: int,
 ) -> dict[str, Any]:
-    """Write every ShapesWorld file under ``root``; returns the summary written to summary.json."""
-    check_arguments(
-        root,
-        seed=seed,
-        size=size,
-        image_size=image_size,
-        eval_size=eval_size,
-        instruct_size=instruct_size,
+    """Write every ShapesWorld file under ``root``; returns the summary written to summary.json.
+
+    The world is written into a temporary sibling folder and renamed onto ``root`` at the end, so a
+    run killed part-way leaves ``root`` as it was (absent, empty or the previous world), and the next
+    run removes the dead run's temporary folder.
+    """
+    settings = dict(
+        seed=seed, size=size, image_size=image_size, eval_size=eval_size, instruct_size=instruct_size,
         shard_size=shard_size,
-    )
-    n_train = instruct_size if instruct_size is not None else max(eval_size, size // 10)
+    )  # fmt: skip
+    check_arguments(root, **settings)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _clear_previous(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
     except OSError as error:
         raise ConfigError(f"--out {root}: cannot write there ({error.strerror}); pick another path") from None
+    try:
+        summary = _write_files(tmp, **settings)
+        _replace_folder(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _remove_dead_temporaries(root: Path) -> None:
+    """Delete ``.NAME.tmp-PID-*`` folders next to ``root`` whose writing process is gone."""
+    for folder in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = folder.name[len(f".{root.name}.tmp-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _replace_folder(new: Path, root: Path) -> None:
+    """Rename ``new`` onto ``root``; a previous ``root`` is moved aside first, then deleted."""
+    old = None
+    if root.exists():
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        os.replace(root, old)
+    os.replace(new, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(
+    root: Path,
+    *,
+    seed: int,
+    size: int,
+    image_size: int,
+    eval_size: int,
+    instruct_size: int | None,
+    shard_size: int,
+) -> dict[str, Any]:
+    """Every file of the world under the fresh folder ``root``; returns the summary."""
+    n_train = instruct_size if instruct_size is not None else max(eval_size, size // 10)
     records: dict[str, int] = {}
 
     shards = []
