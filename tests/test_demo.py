@@ -46,7 +46,7 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
 
 def test_demo_writes_each_stage_config_as_a_rerunnable_yaml(demo_dir: Path) -> None:
     from dvd.config import load_config
-    from dvd.train.clip import ClipTrainConfig
+    from dvd.train.clip_config import ClipTrainConfig
 
     cfg = load_config(ClipTrainConfig, demo_dir / "configs" / "tecoa.yaml")
     assert cfg.recipe == "tecoa"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dvd.config import load_config
-from dvd.train.clip import ClipTrainConfig, check_config, train_clip
+from dvd.train.clip import train_clip
+from dvd.train.clip_config import ClipTrainConfig, check_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLIP_RECIPES = sorted(CONFIGS.glob("clip_*.yaml"))

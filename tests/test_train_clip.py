@@ -16,18 +16,12 @@ from safetensors.torch import load_file
 from dvd.config import ConfigError, load_config
 from dvd.models.clip import load_clip
 from dvd.train.attack import AttackSettings
-from dvd.train.clip import (
-    ClipTrainConfig,
-    ContrastiveLoss,
-    ContrastiveStep,
-    InterpolatedPositions,
-    Phase,
-    Resolution,
-    build_phases,
-    check_config,
-    train_clip,
-)
-from dvd.train.loop import DistEnv, StepInfo
+from dvd.train.clip import train_clip
+from dvd.train.clip_config import ClipTrainConfig, check_config
+from dvd.train.clip_losses import ContrastiveLoss, ContrastiveStep
+from dvd.train.clip_resolution import InterpolatedPositions, Phase, Resolution, build_phases
+from dvd.train.distributed import DistEnv
+from dvd.train.loop import StepInfo
 
 TINY = ["model=dvd-tiny-vit", "batch_size=8", "progress=false", "warmup_steps=1", "shuffle_buffer=16"]
 

@@ -15,8 +15,9 @@ import pytest
 
 from dvd.config import ConfigError, load_config
 from dvd.models.clip import create_clip
-from dvd.train.clip import ClipTrainConfig, train_clip
-from dvd.train.loop import DistEnv
+from dvd.train.clip import train_clip
+from dvd.train.clip_config import ClipTrainConfig
+from dvd.train.distributed import DistEnv
 from dvd.train.output import claim_output_dir, remove_stale_temporaries
 
 TINY = ["model=dvd-tiny-vit", "batch_size=8", "progress=false", "warmup_steps=1", "shuffle_buffer=16"]

@@ -15,7 +15,8 @@ from dvd.config import ConfigError, load_config
 from dvd.models.vlm import DvdVLM, load_vlm
 from dvd.train.attack import AttackSettings
 from dvd.train.loop import StepInfo
-from dvd.train.vlm import VlmTrainConfig, check_config, train_vlm
+from dvd.train.vlm import train_vlm
+from dvd.train.vlm_config import VlmTrainConfig, check_config
 from dvd.train.vlm_data import build_conversations, resolve_source
 from dvd.train.vlm_model import build_vlm, optimizer_groups
 from dvd.train.vlm_step import InstructionLoss, InstructionStep
@@ -117,7 +118,7 @@ def adversarial_setup(world: Path, tmp_path: Path, *extra: str):
 
 
 def _env():
-    from dvd.train.loop import DistEnv
+    from dvd.train.distributed import DistEnv
 
     return DistEnv()
 

@@ -19,7 +19,8 @@ from dvd.data.vqa import VQAv2
 from dvd.eval.captioning import cider
 from dvd.eval.vqa import vqa_accuracy
 from dvd.models.vlm import load_vlm
-from dvd.train.vlm import VlmTrainConfig, train_vlm
+from dvd.train.vlm import train_vlm
+from dvd.train.vlm_config import VlmTrainConfig
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 VIT = {

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from dvd.attacks.pgd import pgd
-from dvd.train.loop import StepInfo, derived_seed, module_mode
+from dvd.train.loop import StepInfo
+from dvd.train.precision import module_mode
+from dvd.train.rng import derived_seed
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dvd.config import ConfigError
-from dvd.train.loop import DistEnv, all_true
+from dvd.train.distributed import DistEnv, all_true
 
 log = logging.getLogger(__name__)
 

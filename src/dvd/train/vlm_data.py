@@ -18,7 +18,11 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dvd.config import ConfigError, suggest
+from dvd.data.captions import CocoCaptions
+from dvd.data.instruct import LlavaInstruct
+from dvd.data.transforms import image_transform
 from dvd.models.vlm_conversation import VLMCollator, conversation_turns, make_conversation
+from dvd.models.vlm_tokenizer import build_tokenizer, texts_from_files
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +146,8 @@ def build_conversations(
     source: DataSource, *, image_size: int, collator: VLMCollator, caption_prompt: str
 ) -> Conversations:
     """The training samples of ``source`` with the train-time image transform."""
-    from dvd.data.transforms import image_transform
-
     transform = image_transform(image_size, train=True)
     if source.kind == "llava":
-        from dvd.data.instruct import LlavaInstruct
-
         reader: Any = LlavaInstruct(source.path, source.image_root, transform=transform)
         index = [(i, 0) for i, record in enumerate(reader.records) if record["paths"] is not None]
         text_only = len(reader) - len(index)
@@ -155,8 +155,6 @@ def build_conversations(
             log.warning("%s: %d text-only conversations left out (one image per conversation)",
                         source.path, text_only)  # fmt: skip
     else:
-        from dvd.data.captions import CocoCaptions
-
         if source.kind == "karpathy":
             reader = CocoCaptions(
                 None, source.image_root, transform=transform, karpathy_json=source.path, split=KARPATHY_TRAIN
@@ -184,6 +182,4 @@ def shapesworld_texts(root: str | Path) -> list[Path]:
 
 def shapesworld_tokenizer(root: str | Path) -> Any:
     """The small world's word-level tokenizer, built from all of its text (deterministic)."""
-    from dvd.models.vlm_tokenizer import build_tokenizer, texts_from_files
-
     return build_tokenizer(texts_from_files(shapesworld_texts(root)))

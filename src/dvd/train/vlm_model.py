@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,20 +15,12 @@ from torch import nn
 from dvd.config import ConfigError
 from dvd.models.vlm import RECIPE_NAME, VisionLanguageModel, create_vlm, load_vlm
 from dvd.models.vlm_conversation import get_template
-from dvd.train.loop import seed_everything
+from dvd.train.rng import seed_everything
 from dvd.train.scratch import random_init_expected
+from dvd.train.vlm_config import DTYPES, VlmTrainConfig
 from dvd.train.vlm_data import DataSource, shapesworld_tokenizer
 
-if TYPE_CHECKING:
-    from dvd.train.vlm import VlmTrainConfig
-
 HF_LLAVA = "hf-llava:"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the demo's language model: a tiny random Llama (vocabulary size and special ids come from the tokenizer)
-TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-}  # fmt: skip
 PARTS = ("lm", "projector", "vision")  # the first group's lr is the one logged as train/lr
 
 

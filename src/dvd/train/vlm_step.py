@@ -22,7 +22,8 @@ from dvd.config import ConfigError
 from dvd.models.vlm_base import VisionLanguageModel
 from dvd.models.vlm_conversation import VLMBatch
 from dvd.train.attack import AttackSettings, run_pgd
-from dvd.train.loop import DistEnv, StepInfo, gathered
+from dvd.train.distributed import DistEnv, gathered
+from dvd.train.loop import StepInfo
 
 # ---------------------------------------------------------------------------------------------
 # what DDP / FSDP wraps
