@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from dvd.cli import main as dvd_main
 from dvd.config import ConfigError, load_config
-from dvd.models.vlm import DvdVLM, load_vlm
+from dvd.models.vlm import DvdVLM
+from dvd.models.vlm_io import load_vlm
 from dvd.train.attack import AttackSettings
 from dvd.train.loop import StepInfo
 from dvd.train.vlm import train_vlm

@@ -18,7 +18,7 @@ from dvd.data.transforms import image_transform
 from dvd.data.vqa import VQAv2
 from dvd.eval.captioning import cider
 from dvd.eval.vqa import vqa_accuracy
-from dvd.models.vlm import load_vlm
+from dvd.models.vlm_io import load_vlm
 from dvd.train.vlm import train_vlm
 from dvd.train.vlm_config import VlmTrainConfig
 

@@ -90,7 +90,7 @@ def test_two_process_torchrun_adversarial_stage2_trains_checkpoints_and_resumes(
     logged = json.loads((tmp_path / "summary.json").read_text())["last"]
     assert logged["train/attack/loss_gain"] > 0 and logged["train/images_per_s"] > 0
 
-    from dvd.models.vlm import load_vlm
+    from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(tmp_path / "final")
     assert not hasattr(model.lm, "peft_config")

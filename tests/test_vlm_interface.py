@@ -17,11 +17,10 @@ from dvd.models.vlm import (
     VisionTower,
     build_tokenizer,
     create_vlm,
-    load_vlm,
     make_conversation,
-    save_vlm,
 )
 from dvd.models.vlm_hf import HFLlava
+from dvd.models.vlm_io import load_vlm, save_vlm
 
 IMAGE_SIZE = 32
 CORPUS = [

@@ -19,12 +19,11 @@ from dvd.models.vlm import (
     MLPProjector,
     VisionTower,
     create_vlm,
-    load_vlm,
     make_conversation,
-    save_vlm,
 )
 from dvd.models.vlm_conversation import VICUNA_SYSTEM, get_template
 from dvd.models.vlm_hf import HFLlava, llava_with_open_clip_tower, load_hf_llava
+from dvd.models.vlm_io import load_vlm, save_vlm
 from dvd.models.vlm_tokenizer import build_tokenizer, ensure_image_token, texts_from_files
 from test_vlm_interface import (
     IMAGE_SIZE,

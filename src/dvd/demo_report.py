@@ -571,7 +571,7 @@ def vlm_example_grid(
 
     from dvd.eval.captioning import instruct_caption_prompt
     from dvd.eval.vlm_attack import attack_answers
-    from dvd.models.vlm import load_vlm
+    from dvd.models.vlm_io import load_vlm
 
     world = demo.world
     names = [

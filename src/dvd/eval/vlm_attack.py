@@ -548,7 +548,7 @@ def load_model(spec: str, *, device: str, dtype: str = "fp32") -> VisionLanguage
     path = Path(spec)
     torch_dtype = None if dtype == "fp32" else DTYPES[dtype]
     if (path / "dvd_vlm.json").is_file():
-        from dvd.models.vlm import load_vlm
+        from dvd.models.vlm_io import load_vlm
 
         return load_vlm(path, device=device, dtype=torch_dtype)
     if path.exists() and not (path / "config.json").is_file():

@@ -12,7 +12,7 @@ name or model-config JSON) + a ``mlp2x_gelu`` projector + a Hugging Face causal 
 dict: a tiny Llama by default) with the LM's tokenizer, or the small world's (``tokenizer: shapesworld``).
 The loop, distributed setup (torchrun DDP / FSDP2), bf16 autocast, checkpoint/resume and logging are
 :mod:`dvd.train.loop`'s, shared with ``dvd train clip``. The trained model is ``OUTPUT_DIR/final``
-(:func:`dvd.models.vlm.save_vlm`, LoRA merged), the ``init`` of the next stage.
+(:func:`dvd.models.vlm_io.save_vlm`, LoRA merged), the ``init`` of the next stage.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from dvd.config import ConfigError, parse_eps, to_dict
-from dvd.models.vlm import save_vlm
+from dvd.models.vlm_io import save_vlm
 from dvd.train.attack import AttackSettings
 from dvd.train.checkpoint import full_model_state, non_finite_tensors
 from dvd.train.clip_data import make_loader_factory

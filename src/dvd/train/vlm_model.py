@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from dvd.config import ConfigError
-from dvd.models.vlm import RECIPE_NAME, VisionLanguageModel, create_vlm, load_vlm
+from dvd.models.vlm import DvdVLM, VisionLanguageModel, create_vlm
 from dvd.models.vlm_conversation import get_template
+from dvd.models.vlm_hf import HFLlava, llava_parts, load_hf_llava
+from dvd.models.vlm_io import RECIPE_NAME, load_vlm
 from dvd.train.rng import seed_everything
 from dvd.train.scratch import random_init_expected
 from dvd.train.vlm_config import DTYPES, VlmTrainConfig
@@ -61,8 +65,6 @@ def build_vlm(
     dtype = DTYPES[cfg.lm_dtype] if cfg.lm_dtype else None
     seed_everything(cfg.seed)  # identical fresh weights on every rank and on resume
     if cfg.init is not None and cfg.init.startswith(HF_LLAVA):
-        from dvd.models.vlm_hf import load_hf_llava
-
         vlm: VisionLanguageModel = load_hf_llava(cfg.init[len(HF_LLAVA) :], dtype=dtype)
     elif cfg.init is not None:
         vlm = load_vlm(init_folder(cfg.init), dtype=dtype)
@@ -96,11 +98,6 @@ def fsdp_units(vlm: VisionLanguageModel) -> list[nn.Module]:
     forward, and FSDP reshards everything after each of the attack's backward passes, so every
     parameter must belong to a unit that gathers itself when called.
     """
-    from open_clip.transformer import ResidualAttentionBlock
-
-    from dvd.models.vlm import DvdVLM
-    from dvd.models.vlm_hf import HFLlava, llava_parts
-
     names: set[str] = set()
     for module in vlm.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
@@ -121,9 +118,6 @@ def fsdp_units(vlm: VisionLanguageModel) -> list[nn.Module]:
 
 def lm_slot(vlm: VisionLanguageModel) -> tuple[nn.Module, str]:
     """(parent, attribute) holding the language model, where LoRA wraps it and merges it back."""
-    from dvd.models.vlm import DvdVLM
-    from dvd.models.vlm_hf import HFLlava
-
     if isinstance(vlm, DvdVLM):
         return vlm, "lm"
     if isinstance(vlm, HFLlava):
@@ -136,8 +130,6 @@ def lm_slot(vlm: VisionLanguageModel) -> tuple[nn.Module, str]:
 
 def add_lora(vlm: VisionLanguageModel, *, r: int, alpha: int, dropout: float, targets: list[str]) -> None:
     """Wrap the language model in ``peft`` LoRA adapters (only the adapters train)."""
-    from peft import LoraConfig, get_peft_model
-
     parent, name = lm_slot(vlm)
     lm = getattr(parent, name)
     is_causal = hasattr(lm, "get_output_embeddings") and lm.get_output_embeddings() is not None
