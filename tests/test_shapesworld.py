@@ -22,7 +22,8 @@ from PIL import Image
 from skimage.measure import label as connected_components
 
 from dvd.config import ConfigError
-from dvd.data.shapesworld import SPEC, cli, generate
+from dvd.data.shapesworld import cli, generate
+from dvd.data.shapesworld_scenes import SPEC
 
 SIZES = {"size": 200, "eval_size": 40, "instruct_size": 30, "shard_size": 80}
 

@@ -660,7 +660,7 @@ def _pick_scenes(scenes: list[dict[str, Any]], count: int) -> list[dict[str, Any
 
 
 def _truth(scene: dict[str, Any], task: str) -> str:
-    from dvd.data.shapesworld import NUMBER_WORDS
+    from dvd.data.shapesworld_scenes import NUMBER_WORDS
 
     return NUMBER_WORDS[scene["count"]] if task == "count" else str(scene[task])
 
