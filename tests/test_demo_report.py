@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dvd.demo import PRESETS, Demo
+from dvd.demo import Demo
+from dvd.demo_preset import DemoLayout, ReportInputs, load_preset
 from dvd.demo_report import headline, write_report
 from dvd.eval.report import average_rows, markdown_table, plot_clean_vs_robust, plot_metric_vs_eps
 
@@ -74,7 +75,9 @@ def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
 def test_report_states_whether_the_delta_clip_target_holds(
     tmp_path: Path, delta_clean: float, delta_robust: float, verdict: str
 ) -> None:
-    demo = Demo(tmp_path, PRESETS["test"], vlm=False)
+    preset = load_preset("test")
+    lanes = Demo(tmp_path, preset, vlm=False).lanes()
+    inputs = ReportInputs(DemoLayout(tmp_path), preset, device="cpu", include_vlm=False, lanes=lanes)
     rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, delta_robust)
     rows += rows_for("tecoa", 0.7, 0.3) + rows_for("fare", 0.8, 0.2)
     (tmp_path / "results.json").write_text(json.dumps(rows))
@@ -83,7 +86,7 @@ def test_report_states_whether_the_delta_clip_target_holds(
             {"train delta-clip": {"status": "done", "seconds": 12.0, "cpu_seconds": 10.0, "load": 1.0}}
         )
     )
-    report = write_report(demo, tmp_path / "results.json").read_text()
+    report = write_report(inputs, tmp_path / "results.json").read_text()
     assert f"(≥ +30 pt attacked, ≤ 20 pt clean cost) {verdict}" in report
     assert "+50.0 pt" in report  # delta-clip 60% vs clean-clip 10% attacked
     assert "ΔCLIP is 30.0 pt ahead of the best of them (tecoa)" in report

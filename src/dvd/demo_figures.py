@@ -1,0 +1,141 @@
+"""The demo report's figures: result plots and the example grids (clean image, each model's attacked
+image and its reading)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dvd.eval.report import average_rows, eps_label, plot_clean_vs_robust, plot_metric_vs_eps  # noqa: E402
+
+Row = dict[str, Any]
+HEADLINE_EPS = 4 / 255
+
+
+def plot_results(rows: Sequence[Row], figures: Path) -> dict[str, Path]:
+    """The report's plots from the result rows (each only when its rows exist), by name."""
+    plots: dict[str, Path] = {}
+    zeroshot = [r for r in rows if r["task"] == "zeroshot"]
+    averages = average_rows(zeroshot, task="zeroshot")
+    made = plot_clean_vs_robust(
+        averages, figures / "zeroshot_headline.png", eps=HEADLINE_EPS, ylabel="accuracy (%)",
+        title=f"zero-shot accuracy, mean of the ShapesWorld tasks: clean vs APGD {eps_label(HEADLINE_EPS)}",
+    )  # fmt: skip
+    if made:
+        plots["headline"] = made
+    made = plot_metric_vs_eps(
+        averages + zeroshot, figures / "zeroshot_vs_eps.png", task="zeroshot", ylabel="accuracy (%)",
+        title="zero-shot accuracy under APGD-CE, per task (eps 0 = clean)",
+    )  # fmt: skip
+    if made:
+        plots["zeroshot"] = made
+    retrieval = [r for r in rows if r["task"] == "retrieval" and r["metric"].endswith("recall@1")]
+    made = plot_metric_vs_eps(
+        retrieval, figures / "retrieval_vs_eps.png", task="retrieval", ylabel="recall@1 (%)",
+        title="retrieval on the ShapesWorld test images and captions (images attacked)",
+    )  # fmt: skip
+    if made:
+        plots["retrieval"] = made
+    for task, ylabel in (("caption", "CIDEr"), ("vqa", "VQA accuracy (%)")):
+        made = plot_metric_vs_eps(
+            rows, figures / f"{task}_vs_eps.png", task=task, ylabel=ylabel,
+            title=f"{task} under attack (eps 0 = clean)", scale=1.0 if task == "caption" else 100.0,
+        )  # fmt: skip
+        if made:
+            plots[task] = made
+    return plots
+
+
+
+
+def _wrap(text: str, width: int = 34) -> str:
+
+    return "\n".join(textwrap.wrap(text, width)) or "(empty)"
+
+
+def draw_caption_grid(
+    path: Path,
+    images: Any,
+    references: list[str],
+    captions: dict[str, tuple[Any, list[str], list[str]]],
+    eps: float,
+) -> Path:
+    names = list(captions)
+    rows, cols = len(images), 1 + len(names)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
+    for i in range(rows):
+        ax = axes[i][0]
+        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xlabel("reference:\n" + _wrap(references[i]), fontsize=8)
+        if i == 0:
+            ax.set_title("clean image", fontsize=9)
+        for j, name in enumerate(names, start=1):
+            adversarial, clean, attacked = captions[name]
+            ax = axes[i][j]
+            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xlabel(f"clean: {_wrap(clean[i])}\nattacked: {_wrap(attacked[i])}", fontsize=8)
+            if i == 0:
+                ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _describe(reading: Sequence[str], truth: Sequence[str] | None = None) -> str:
+    words = []
+    for i, word in enumerate(reading):
+        words.append(f"{word}*" if truth is not None and word != truth[i] else word)
+    return " ".join(words)
+
+
+def draw_reading_grid(
+    path: Path,
+    images: Any,
+    truth: list[list[str]],
+    tasks: list[str],
+    readings: dict[str, tuple[Any, list[list[str]], list[list[str]]]],
+    eps: float,
+) -> Path:
+    names = list(readings)
+    rows, cols = len(images), 1 + len(names)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.75 * rows), squeeze=False)
+    for i in range(rows):
+        ax = axes[i][0]
+        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xlabel("truth:\n" + _describe(truth[i]), fontsize=8)
+        if i == 0:
+            ax.set_title(f"clean image\n({' / '.join(tasks)})", fontsize=9)
+        for j, name in enumerate(names, start=1):
+            adversarial, clean, attacked = readings[name]
+            ax = axes[i][j]
+            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            # red where the attack made the reading worse than the model's clean one
+            wrong = sum(a != b for a, b in zip(attacked[i], truth[i], strict=True)) > sum(
+                a != b for a, b in zip(clean[i], truth[i], strict=True)
+            )
+            ax.set_xlabel(
+                f"clean: {_describe(clean[i], truth[i])}\nattacked: {_describe(attacked[i], truth[i])}",
+                fontsize=8, color="#b03a2e" if wrong else "black",
+            )  # fmt: skip
+            if i == 0:
+                ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
