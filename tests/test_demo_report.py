@@ -20,7 +20,7 @@ def row(
 ):
     return {"model": model, "task": task, "dataset": dataset, "metric": "accuracy", "attack": "apgd-ce",
             "eps": eps, "steps": 100, "clean": clean, "adversarial": adversarial, "n": 100, "seconds": 1.0,
-            "seed": 0, "flags": [], "versions": {}}  # fmt: skip
+            "seed": 0, "flags": [], "versions": {}}
 
 
 def rows_for(model: str, clean: float, robust: float) -> list[dict]:
@@ -50,7 +50,7 @@ def test_plots_are_written_as_png_files(tmp_path: Path) -> None:
             eps=EPS4,
             title="t",
             ylabel="accuracy (%)",
-        ),  # fmt: skip
+        ),
         plot_metric_vs_eps(rows, tmp_path / "lines.png", task="zeroshot", title="t", ylabel="accuracy (%)"),
     ):
         assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
@@ -66,7 +66,7 @@ def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
     rows = rows_for("clean-clip", 0.9, 0.1)
     rows += [row("clean-clip", f"shapesworld/{t}", 2 / 255, 0.9, 0.5) for t in ("color", "shape")]
     assert headline(rows) == {"clean-clip": {"clean": pytest.approx(0.9), "adversarial": pytest.approx(0.1),
-                                             "n": 200}}  # fmt: skip
+                                             "n": 200}}
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why(
     def pope(model: str, yes_ratio: float) -> list[dict]:
         splits = ("random", "popular", "adversarial")
         return [{**row(model, f"shapesworld/pope_{s}", 0.0, yes_ratio, None, "pope"), "metric": "yes_ratio"}
-                for s in splits]  # fmt: skip
+                for s in splits]
 
     rows = pope("clean-llava", 0.0) + pope("delta2-llava", 0.48) + rows_for("clean-clip", 0.14, 0.05)
     (note,) = _pope_notes(rows)

@@ -71,7 +71,7 @@ def test_delta_trains_checkpoints_logs_attack_and_evaluates(world, tmp_path):
     summary = run(
         world, tmp_path, "recipe=delta", "steps=4", "attack_steps=2", "checkpoint_every=2", "log_every=2",
         "eval_every=4", "eval_tasks=color", "eval_samples=8", "eval_attack_steps=2", "keep_last=1",
-    )  # fmt: skip
+    )
     assert summary["step"] == 4 and summary["skipped_steps"] == 0
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert checkpoints == ["step-000000004"]  # keep_last=1 pruned step 2
@@ -163,7 +163,7 @@ def test_resuming_with_another_schedule_is_refused_with_the_reason(changed, mess
     ("normalization", "mean"),
     [("model", OPENAI_DATASET_MEAN), ("openai", OPENAI_DATASET_MEAN),
      ("imagenet", IMAGENET_MEAN)],
-)  # fmt: skip
+)
 def test_the_recipe_normalization_is_a_setting_saved_with_the_model(normalization, mean, world, tmp_path):
     summary = run(world, tmp_path, "recipe=clean", "steps=1", f"normalization={normalization}")
     saved = load_clip(summary["final"])
@@ -280,7 +280,7 @@ def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_the
     stored_images = {t.numpy().tobytes() for t in as_tensor}
     for augment in (False, True):
         cfg = load_config(ClipTrainConfig, None, [f"data={world}", "recipe=clean", "shuffle_buffer=0",
-                                                  f"augment={str(augment).lower()}"])  # fmt: skip
+                                                  f"augment={str(augment).lower()}"])
         dataset, _, _ = build_dataset(cfg, clip)
         images = [image for image, _ in itertools.islice(iter(dataset), 8)]
         exact = [image.numpy().tobytes() in stored_images for image in images]
@@ -348,5 +348,5 @@ def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(world, tmp_pat
     summary = run(
         tmp_path / "pairs.csv", tmp_path / "out", "recipe=delta", "steps=3", "checkpoint_every=3",
         "attack_steps=1", f"csv_image_root={world / 'images'}",
-    )  # fmt: skip
+    )
     assert summary["step"] == 3 and summary["skipped_steps"] == 0

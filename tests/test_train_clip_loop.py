@@ -228,7 +228,7 @@ def test_fit_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
         checkpointer = Checkpointer(
             manager, model=model, optimizer=optimizer,
             states={"scheduler": schedule, "guard": guard, "data": stream},
-        )  # fmt: skip
+        )
         start = checkpointer.resume("latest")
 
         def loss_fn(batch, info):

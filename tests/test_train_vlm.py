@@ -56,7 +56,7 @@ def tiny_args(world: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data={world / 'sw'}", f"output_dir={out}", f"vision={world / 'tiny_vit.json'}", TINY_LM,
         "template=vicuna_v1_short", "batch_size=8", "progress=false", "log_every=1", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def tiny_config(world: Path, out: Path, *extra: str) -> VlmTrainConfig:
@@ -168,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_attack_and_gradients(world, tmp_p
 
 def test_lora_trains_adapters_with_per_part_learning_rates_and_saves_a_merged_model(world, tmp_path):
     cfg = tiny_config(world, tmp_path, "lora=true", "lora_r=4", "lora_alpha=8", "train_vision=true",
-                      "lr=2e-4", "projector_lr=2e-5", "vision_lr=1e-6")  # fmt: skip
+                      "lr=2e-4", "projector_lr=2e-5", "vision_lr=1e-6")
     vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2))
     trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
     in_lm = [n for n in trainable if n.startswith("lm.")]
@@ -194,7 +194,7 @@ def test_a_karpathy_split_file_gives_its_training_captions_as_stage1_samples(wor
     cfg = tiny_config(world, tmp_path, "stage=1")
     vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 1))
     data = build_conversations(source, image_size=32, collator=vlm.collator(template="plain"),
-                               caption_prompt="Describe the image briefly.")  # fmt: skip
+                               caption_prompt="Describe the image briefly.")
     train = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] in ("train", "restval")]
     assert len(data) == sum(len(e["sentences"]) for e in train)
     assert data[0]["conversations"][1]["value"] == train[0]["sentences"][0]["raw"]
@@ -208,7 +208,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
     cfg = tiny_config(world, tmp_path, "stage=1")
     vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 1))
     data = build_conversations(source, image_size=32, collator=vlm.collator(template="plain"),
-                               caption_prompt="Describe the image briefly.")  # fmt: skip
+                               caption_prompt="Describe the image briefly.")
     captions = json.loads((root / "captions" / "annotations.json").read_text())["annotations"]
     assert len(data) == len(captions)
     first = data[0]
@@ -311,7 +311,7 @@ def tiny_hf_llava_folder(world: Path, folder: Path) -> Path:
     text = LlamaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, num_key_value_heads=2, max_position_embeddings=256, **layers,
-    )  # fmt: skip
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

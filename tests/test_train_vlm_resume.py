@@ -29,7 +29,7 @@ ARGS = [
     "warmup_steps=1", "log_every=2", "keep_last=2", "progress=false", "device=cpu",
     "lm={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
     "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 128}",
-]  # fmt: skip
+]
 MODULE = "dvd.train.vlm"
 
 

@@ -123,7 +123,7 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
 
 
 _KINDS = {bool: "true or false", int: "an int", float: "a number", str: "a string", list: "a list",
-          tuple: "a list", dict: "a mapping"}  # fmt: skip
+          tuple: "a list", dict: "a mapping"}
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:

@@ -150,7 +150,7 @@ class Demo:
                     stages.append(
                         Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
                               self._final_exists(f"{name}-{stage}"), "vlm", (needs,))
-                    )  # fmt: skip
+                    )
             for name in VLM_MODELS:
                 for task in VLM_EVALS:
                     run, done = self._vlm_eval_fn(task, name), self._evaluated(task, name)
@@ -194,7 +194,7 @@ class Demo:
         results = self.collect_results()
         tick = time.perf_counter()
         inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm,
-                              lanes=self.lanes())  # fmt: skip
+                              lanes=self.lanes())
         report_path = write_report(inputs, results)
         self.ledger.record(
             "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=_now()
@@ -204,7 +204,7 @@ class Demo:
 
     def _run_lanes(self) -> None:
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
-                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]  # fmt: skip
+                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
@@ -265,7 +265,7 @@ class Demo:
             seconds = round(time.perf_counter() - tick, 1)
             cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
             self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
-                               load=_load_average(), finished=_now())  # fmt: skip
+                               load=_load_average(), finished=_now())
             self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
 
     def collect_results(self) -> Path:
@@ -299,7 +299,7 @@ class Demo:
         p = self.preset
         argv = ["--out", str(self.world), "--seed", str(p.seed), "--size", str(p.world_size),
                 "--image-size", str(p.image_size), "--eval-size", str(p.eval_size),
-                "--instruct-size", str(p.instruct_size)]  # fmt: skip
+                "--instruct-size", str(p.instruct_size)]
         _check(shapesworld.cli(argv), "dvd data shapesworld")
 
     def clip_config(self, name: str) -> dict[str, Any]:
@@ -308,7 +308,7 @@ class Demo:
         if self.preset.clip_model_config is not None:
             cfg["model"] = str(self.model_config_file())
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(name)), seed=self.preset.seed,
-                   device=self.device, resume="latest")  # fmt: skip
+                   device=self.device, resume="latest")
         if cfg["recipe"] in ("tecoa", "fare"):
             cfg["pretrained"] = str(self.final("clean-clip"))
         return cfg
@@ -337,7 +337,7 @@ class Demo:
                     "--eps", self._eps(), "--attack", p.zeroshot_attack, "--steps", str(p.zeroshot_steps),
                     "--limit", str(p.zeroshot_limit), "--batch-size", "100", "--seed", str(p.seed),
                     "--device", self.device, "--out", str(self.results_file("zeroshot", name)),
-                    "--no-progress"]  # fmt: skip
+                    "--no-progress"]
             with _quiet_stdout():
                 _check(zeroshot.cli(argv), f"dvd eval zeroshot ({name})")
 
@@ -350,7 +350,7 @@ class Demo:
                     "--split", "test", "--eps", self._eps(), "--steps", str(p.retrieval_steps),
                     "--limit", str(p.retrieval_limit), "--batch-size", "100", "--seed", str(p.seed),
                     "--device", self.device, "--out", str(self.results_file("retrieval", name)),
-                    "--no-progress"]  # fmt: skip
+                    "--no-progress"]
             with _quiet_stdout():
                 _check(retrieval.cli(argv), f"dvd eval retrieval ({name})")
 
@@ -361,7 +361,7 @@ class Demo:
         cfg = {**self.preset.vlm_common, **self.preset.vlm_stages[stage]}
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
                    seed=self.preset.seed, device=self.device, resume="latest",
-                   adversarial=name == "delta2-llava")  # fmt: skip
+                   adversarial=name == "delta2-llava")
         if stage == "stage1":
             cfg["vision"] = str(self.final(vision))
         else:
@@ -383,16 +383,16 @@ class Demo:
         p = self.preset
         argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
-                "--no-progress"]  # fmt: skip
+                "--no-progress"]
         if task in ("caption", "vqa"):
             argv += ["--eps", ",".join(p.vlm_eps or p.eps), "--steps", str(p.vlm_eval_steps),
                      "--limit", str(p.vlm_eval_limit),
-                     "--references", str(p.vlm_references)]  # fmt: skip
+                     "--references", str(p.vlm_references)]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval_limit)]
         elif task == "targeted":
             argv += ["--eps", "4/255", "--steps", str(p.targeted_steps), "--limit", str(p.targeted_limit),
-                     "--target", TARGET_CAPTION]  # fmt: skip
+                     "--target", TARGET_CAPTION]
         return argv
 
     def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:

@@ -27,27 +27,27 @@ def plot_results(rows: Sequence[Row], figures: Path) -> dict[str, Path]:
     made = plot_clean_vs_robust(
         averages, figures / "zeroshot_headline.png", eps=HEADLINE_EPS, ylabel="accuracy (%)",
         title=f"zero-shot accuracy, mean of the ShapesWorld tasks: clean vs APGD {eps_label(HEADLINE_EPS)}",
-    )  # fmt: skip
+    )
     if made:
         plots["headline"] = made
     made = plot_metric_vs_eps(
         averages + zeroshot, figures / "zeroshot_vs_eps.png", task="zeroshot", ylabel="accuracy (%)",
         title="zero-shot accuracy under APGD-CE, per task (eps 0 = clean)",
-    )  # fmt: skip
+    )
     if made:
         plots["zeroshot"] = made
     retrieval = [r for r in rows if r["task"] == "retrieval" and r["metric"].endswith("recall@1")]
     made = plot_metric_vs_eps(
         retrieval, figures / "retrieval_vs_eps.png", task="retrieval", ylabel="recall@1 (%)",
         title="retrieval on the ShapesWorld test images and captions (images attacked)",
-    )  # fmt: skip
+    )
     if made:
         plots["retrieval"] = made
     for task, ylabel in (("caption", "CIDEr"), ("vqa", "VQA accuracy (%)")):
         made = plot_metric_vs_eps(
             rows, figures / f"{task}_vs_eps.png", task=task, ylabel=ylabel,
             title=f"{task} under attack (eps 0 = clean)", scale=1.0 if task == "caption" else 100.0,
-        )  # fmt: skip
+        )
         if made:
             plots[task] = made
     return plots
@@ -128,7 +128,7 @@ def draw_reading_grid(
             ax.set_xlabel(
                 f"clean: {_describe(clean[i], truth[i])}\nattacked: {_describe(attacked[i], truth[i])}",
                 fontsize=8, color="#b03a2e" if wrong else "black",
-            )  # fmt: skip
+            )
             if i == 0:
                 ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
     for ax in axes.flat:

@@ -1,8 +1,8 @@
 """The demo's ``report.md``: set-up, headline numbers against the paper's claims, tables, plots, examples.
 
-Reads only the demo folder: ``results.json`` (DESIGN.md's rows), ``stages.json`` (time per stage),
-``demo.json`` (the preset) and the trained models (for the example grid, which attacks a few test
-images of ShapesWorld itself).
+Reads only the demo folder: ``results.json`` (the rows of :mod:`dvd.eval.results`), ``stages.json``
+(time per stage), ``demo.json`` (the preset) and the trained models (for the example grids, which
+attack a few test images of ShapesWorld itself).
 """
 
 from __future__ import annotations

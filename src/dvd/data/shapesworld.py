@@ -207,7 +207,7 @@ def write_world(
     settings = dict(
         seed=seed, size=size, image_size=image_size, eval_size=eval_size, instruct_size=instruct_size,
         shard_size=shard_size,
-    )  # fmt: skip
+    )
     check_arguments(root, **settings)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -65,5 +65,5 @@ def run_pgd(
             objective, images.detach().float(), eps=eps, steps=steps,
             step_size=settings.step_size_for(eps, steps),
             random_start=settings.random_start, generator=settings.generator(images.device, rank, info),
-        )  # fmt: skip
+        )
     return adversarial.detach()

@@ -58,7 +58,7 @@ from dvd.train.clip_losses import ContrastiveLoss, ContrastiveStep, FareLoss, Im
 from dvd.train.clip_resolution import Resolution, build_phases
 from dvd.train.command import training_cli
 from dvd.train.distributed import DistEnv, unwrap, wrap_model
-from dvd.train.precision import module_mode, resolve_precision
+from dvd.train.precision import module_mode, training_precision
 from dvd.train.rng import seed_everything
 from dvd.train.scratch import random_init_expected
 from dvd.train.setup import Job, run_job, training_process
@@ -94,7 +94,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, Any]:
     """Run one ``dvd train clip`` job (single process or under torchrun); returns a summary."""
     cfg = check_config(cfg)
     with training_process(cfg) as env:
-        precision = resolve_precision(cfg.precision, env.device)
+        precision = training_precision(cfg.precision, env.device)
         return run_job(cfg, env, precision, clip_job(cfg, env))
 
 
@@ -113,7 +113,7 @@ def clip_job(cfg: ClipTrainConfig, env: DistEnv) -> Job:
         eps=parse_eps(cfg.eps), step_size=step_size, random_start=cfg.random_start,
         warmup_steps=cfg.eps_warmup_steps, train_mode=cfg.attack_mode == "train", seed=cfg.seed,
         default_step_rule="delta" if cfg.recipe == "delta" else "fixed",
-    )  # fmt: skip
+    )
     dataset, collate, info = build_dataset(cfg, clip)
     check_shard_count(dataset, cfg, env)
 
@@ -141,7 +141,7 @@ def clip_job(cfg: ClipTrainConfig, env: DistEnv) -> Job:
             model=model, clip=clip, env=env, phases=phases, resolution=resolution,
             attack=attack if cfg.recipe == "delta" else None, clean_loss_weight=cfg.clean_loss_weight,
             local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-        )  # fmt: skip
+        )
 
     weights_io = OpenClipWeights(
         clip, unwrap(model).state_dict().keys(), {"recipe": cfg.recipe, "config": to_dict(cfg)}
@@ -162,7 +162,7 @@ def clip_job(cfg: ClipTrainConfig, env: DistEnv) -> Job:
         segment_length=cfg.checkpoint_every * cfg.accum_steps if cfg.resampled else None,
         eval_every=cfg.eval_every, evaluate=make_evaluator(cfg, clip, resolution, env, model),
         save_weights=weights_io.save, load_weights=weights_io.load,
-    )  # fmt: skip
+    )
 
 
 def _fsdp_units(clip: DvdCLIP) -> list[nn.Module]:

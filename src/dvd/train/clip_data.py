@@ -141,7 +141,7 @@ def make_loader_factory(
         return DataLoader(
             source, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate, drop_last=True,
             persistent_workers=False, pin_memory=env.device.type == "cuda",
-        )  # fmt: skip
+        )
 
     return make
 

@@ -60,7 +60,7 @@ def make_evaluator(
                     subject, data, eps_list=[eps], attack="pgd", steps=cfg.eval_attack_steps,
                     limit=cfg.eval_samples, batch_size=cfg.eval_batch_size, seed=cfg.seed,
                     model_name=f"{cfg.recipe}@step{step}", dataset_name=f"shapesworld/{task}", progress=False,
-                )  # fmt: skip
+                )
             for row in rows:
                 task = row.dataset.split("/")[-1]
                 scores[f"eval/{task}/clean"] = row.clean

@@ -148,7 +148,7 @@ class ContrastiveLoss:
         self.clip_loss = ClipLoss(
             local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
             rank=env.rank, world_size=env.world_size,
-        )  # fmt: skip
+        )
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         images, tokens = (t.to(self.env.device, non_blocking=True) for t in batch)

@@ -13,7 +13,7 @@ from torch import nn
 from dvd.config import ConfigError
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def training_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on CUDA and fp32 on CPU; fp16/bf16 autocast need CUDA."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")

@@ -20,7 +20,7 @@ class TrainingDiverged(RuntimeError):
 
 # the schedule's settings, by the config key that sets them
 SCHEDULE_KEYS = {"total_steps": "steps", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
-                 "base_lrs": "lr"}  # fmt: skip
+                 "base_lrs": "lr"}
 FIXED_AT_START = (
     "the lr schedule is fixed when a run starts; use the same value, or train longer from this run's "
     "final model in a fresh output_dir"

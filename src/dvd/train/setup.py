@@ -111,7 +111,7 @@ def run_job(cfg: LoopConfig, env: DistEnv, precision: str, job: Job) -> dict[str
     manager = CheckpointManager(
         out / "checkpoints", env, keep_last=cfg.keep_last, fingerprint=job.fingerprint, config=to_dict(cfg),
         save_weights=job.save_weights, load_weights=job.load_weights,
-    )  # fmt: skip
+    )
     states: dict[str, Any] = {"scheduler": schedule, "guard": guard, "data": stream}
     if scaler is not None:
         states["scaler"] = scaler
@@ -121,22 +121,22 @@ def run_job(cfg: LoopConfig, env: DistEnv, precision: str, job: Job) -> dict[str
         write_json(out / "config.json", {
             "config": to_dict(cfg), "steps": job.steps, "warmup_steps": job.warmup_steps,
             "precision": precision, "world_size": env.world_size, "versions": versions(),
-        })  # fmt: skip
+        })
     logger = MetricLogger(
         out / "tensorboard", env, total=job.steps, start=start, progress=cfg.progress,
         description=job.description,
-    )  # fmt: skip
+    )
     settings = LoopSettings(
         steps=job.steps, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, precision=precision,
         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=job.eval_every,
         stop_at=cfg.stop_at,
-    )  # fmt: skip
+    )
     try:
         result = fit(
             model=job.model, optimizer=optimizer, schedule=schedule, stream=stream, loss_fn=job.loss_fn,
             settings=settings, env=env, checkpointer=checkpointer, logger=logger, guard=guard, scaler=scaler,
             start_step=start, evaluate=job.evaluate,
-        )  # fmt: skip
+        )
     finally:
         logger.close()
     finished = result.step >= job.steps
@@ -147,7 +147,7 @@ def run_job(cfg: LoopConfig, env: DistEnv, precision: str, job: Job) -> dict[str
         "step": result.step, "steps": job.steps, "skipped_steps": result.skipped,
         "final": str(final) if finished else None, "resumed_from": start,
         "seconds": round(result.seconds, 3), **job.summary(), "last": result.last,
-    }  # fmt: skip
+    }
     if env.is_main:
         write_json(out / "summary.json", summary)
     barrier(env)

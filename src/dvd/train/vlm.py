@@ -33,7 +33,7 @@ from dvd.train.checkpoint import full_model_state, non_finite_tensors
 from dvd.train.clip_data import make_loader_factory
 from dvd.train.command import training_cli
 from dvd.train.distributed import DistEnv, is_fsdp, unwrap, wrap_model
-from dvd.train.precision import resolve_precision
+from dvd.train.precision import training_precision
 from dvd.train.rng import seed_everything
 from dvd.train.schedule import TrainingDiverged
 from dvd.train.setup import Job, run_job, training_process
@@ -50,7 +50,7 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
     """Run one ``dvd train vlm`` job (single process or under torchrun); returns a summary."""
     cfg = check_config(cfg)
     with training_process(cfg) as env:
-        precision = resolve_precision(cfg.precision, env.device)
+        precision = training_precision(cfg.precision, env.device)
         return run_job(cfg, env, precision, vlm_job(cfg, env))
 
 
@@ -75,11 +75,11 @@ def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
         attack = AttackSettings(
             eps=parse_eps(cfg.eps), step_size=parse_eps(cfg.attack_step_size), random_start=cfg.random_start,
             warmup_steps=cfg.eps_warmup_steps, train_mode=cfg.attack_mode == "train", seed=cfg.seed,
-        )  # fmt: skip
+        )
     loss_fn = InstructionLoss(
         model=model, vlm=vlm, env=env, attack=attack, attack_steps=cfg.attack_steps,
         loss_scale=cfg.attack_loss_scale,
-    )  # fmt: skip
+    )
     lrs = {"lm": cfg.lr, "projector": cfg.projector_lr or cfg.lr, "vision": cfg.vision_lr or cfg.lr}
     kind = "Δ²" if cfg.adversarial else "clean"
     return Job(
@@ -91,7 +91,7 @@ def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
         description=f"stage {cfg.stage} {kind} vlm",
         export=functools.partial(export_final, cfg, model, source, env=env),
         summary=lambda: {"skipped_samples": dataset.skipped},
-    )  # fmt: skip
+    )
 
 
 def epoch_steps(samples: int, cfg: VlmTrainConfig, env: DistEnv) -> int:

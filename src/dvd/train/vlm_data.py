@@ -98,7 +98,7 @@ class Conversations(Dataset):
     """
 
     def __init__(self, reader: Any, index: Sequence[tuple[int, int]], *, kind: str, collator: VLMCollator,
-                 caption_prompt: str) -> None:  # fmt: skip
+                 caption_prompt: str) -> None:
         self.reader = reader
         self.index = list(index)
         self.kind = kind
@@ -153,7 +153,7 @@ def build_conversations(
         text_only = len(reader) - len(index)
         if text_only:
             log.warning("%s: %d text-only conversations left out (one image per conversation)",
-                        source.path, text_only)  # fmt: skip
+                        source.path, text_only)
     else:
         if source.kind == "karpathy":
             reader = CocoCaptions(

@@ -75,7 +75,7 @@ def build_vlm(
                 cfg.vision, cfg.lm, tokenizer=load_tokenizer(cfg, source),
                 template=cfg.template or "vicuna_v1", vision_pretrained=cfg.vision_pretrained,
                 feature_layer=cfg.feature_layer, lm_dtype=dtype,
-            )  # fmt: skip
+            )
     if cfg.template is not None:
         vlm.template = get_template(cfg.template)
     if cfg.grad_checkpointing:
@@ -137,7 +137,7 @@ def add_lora(vlm: VisionLanguageModel, *, r: int, alpha: int, dropout: float, ta
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, bias="none",
         task_type="CAUSAL_LM" if is_causal else None,
-    )  # fmt: skip
+    )
     setattr(parent, name, get_peft_model(lm, config))
 
 
@@ -184,7 +184,7 @@ def optimizer_groups(
             params = groups.get((part, decay))
             if params:
                 out.append({"params": params, "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0,
-                            "name": f"{part}{'' if decay else '_no_decay'}"})  # fmt: skip
+                            "name": f"{part}{'' if decay else '_no_decay'}"})
     if not out:
         raise ConfigError("nothing to train: every parameter is frozen")
     return out

@@ -101,7 +101,7 @@ class InstructionLoss:
         return run_pgd(
             objective, images, model=self.vlm, settings=self.attack, steps=self.attack_steps,
             rank=self.env.rank, info=info,
-        )  # fmt: skip
+        )
 
     def __call__(self, batch: tuple[torch.Tensor, VLMBatch], info: StepInfo) -> dict[str, Any]:
         images, tokens = batch
