@@ -34,14 +34,6 @@ LM = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def evaluate(model, root: Path) -> dict[str, float]:
     """CIDEr of greedy captions (Karpathy test split) and VQA accuracy, all on held-out images."""
     transform = image_transform(model.image_size)

@@ -20,7 +20,7 @@ from dvd.models.vlm import build_tokenizer, create_vlm
 from dvd.models.vlm_hf import HFLlava
 from dvd.models.vlm_io import save_vlm
 from dvd.models.vlm_tokenizer import texts_from_files
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 FAST = ["--limit", "4", "--batch-size", "2", "--steps", "2", "--max-new-tokens", "6", "--no-progress"]
 
