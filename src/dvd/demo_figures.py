@@ -4,7 +4,7 @@ image and its reading)."""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,27 +60,33 @@ def _wrap(text: str, width: int = 34) -> str:
     return "\n".join(textwrap.wrap(text, width)) or "(empty)"
 
 
-def draw_caption_grid(
+def _image_grid(
     path: Path,
     images: Any,
-    references: list[str],
-    captions: dict[str, tuple[Any, list[str], list[str]]],
+    attacked: dict[str, Any],
+    *,
+    cell: tuple[float, float],
+    clean_title: str,
+    clean_label: Callable[[int], str],
+    label: Callable[[str, int], tuple[str, str]],
     eps: float,
 ) -> Path:
-    names = list(captions)
+    """Clean images in the first column, each model's attacked images in its own; ``label(name, i)``
+    gives a cell's caption and its colour."""
+    names = list(attacked)
     rows, cols = len(images), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
     for i in range(rows):
         ax = axes[i][0]
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_xlabel("reference:\n" + _wrap(references[i]), fontsize=8)
+        ax.set_xlabel(clean_label(i), fontsize=8)
         if i == 0:
-            ax.set_title("clean image", fontsize=9)
+            ax.set_title(clean_title, fontsize=9)
         for j, name in enumerate(names, start=1):
-            adversarial, clean, attacked = captions[name]
             ax = axes[i][j]
-            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xlabel(f"clean: {_wrap(clean[i])}\nattacked: {_wrap(attacked[i])}", fontsize=8)
+            ax.imshow(attacked[name][i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            text, color = label(name, i)
+            ax.set_xlabel(text, fontsize=8, color=color)
             if i == 0:
                 ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
     for ax in axes.flat:
@@ -91,6 +97,26 @@ def draw_caption_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def draw_caption_grid(
+    path: Path,
+    images: Any,
+    references: list[str],
+    captions: dict[str, tuple[Any, list[str], list[str]]],
+    eps: float,
+) -> Path:
+    """Each VLM's caption of the clean and of its attacked image, beside the reference."""
+
+    def label(name: str, i: int) -> tuple[str, str]:
+        _, clean, attacked = captions[name]
+        return f"clean: {_wrap(clean[i])}\nattacked: {_wrap(attacked[i])}", "black"
+
+    return _image_grid(
+        path, images, {name: c[0] for name, c in captions.items()}, cell=(3.4, 3.3),
+        clean_title="clean image", clean_label=lambda i: "reference:\n" + _wrap(references[i]),
+        label=label, eps=eps,
+    )
 
 
 def _describe(reading: Sequence[str], truth: Sequence[str] | None = None) -> str:
@@ -108,34 +134,19 @@ def draw_reading_grid(
     readings: dict[str, tuple[Any, list[list[str]], list[list[str]]]],
     eps: float,
 ) -> Path:
-    names = list(readings)
-    rows, cols = len(images), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.75 * rows), squeeze=False)
-    for i in range(rows):
-        ax = axes[i][0]
-        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_xlabel("truth:\n" + _describe(truth[i]), fontsize=8)
-        if i == 0:
-            ax.set_title(f"clean image\n({' / '.join(tasks)})", fontsize=9)
-        for j, name in enumerate(names, start=1):
-            adversarial, clean, attacked = readings[name]
-            ax = axes[i][j]
-            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            # red where the attack made the reading worse than the model's clean one
-            wrong = sum(a != b for a, b in zip(attacked[i], truth[i], strict=True)) > sum(
-                a != b for a, b in zip(clean[i], truth[i], strict=True)
-            )
-            ax.set_xlabel(
-                f"clean: {_describe(clean[i], truth[i])}\nattacked: {_describe(attacked[i], truth[i])}",
-                fontsize=8, color="#b03a2e" if wrong else "black",
-            )
-            if i == 0:
-                ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """Each CLIP's zero-shot reading of every task, clean and attacked; red where the attack made the
+    reading worse than the model's clean one (a * marks each wrong word)."""
+
+    def label(name: str, i: int) -> tuple[str, str]:
+        _, clean, attacked = readings[name]
+        wrong = sum(a != b for a, b in zip(attacked[i], truth[i], strict=True)) > sum(
+            a != b for a, b in zip(clean[i], truth[i], strict=True)
+        )
+        text = f"clean: {_describe(clean[i], truth[i])}\nattacked: {_describe(attacked[i], truth[i])}"
+        return text, "#b03a2e" if wrong else "black"
+
+    return _image_grid(
+        path, images, {name: r[0] for name, r in readings.items()}, cell=(2.9, 2.75),
+        clean_title=f"clean image\n({' / '.join(tasks)})",
+        clean_label=lambda i: "truth:\n" + _describe(truth[i]), label=label, eps=eps,
+    )

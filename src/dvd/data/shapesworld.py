@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +74,9 @@ def generate(
     ``size`` pre-training pairs; ``eval_size`` held-out images (COCO/VQA/POPE) and zero-shot test images
     per task; ``instruct_size`` LLaVA training images (default ``max(eval_size, size // 10)``).
     """
-    return write_world(
-        Path(out),
-        seed=seed,
-        size=size,
-        image_size=image_size,
-        eval_size=eval_size,
-        instruct_size=instruct_size,
-        shard_size=shard_size,
-    )
+    settings = WorldSettings(seed=seed, size=size, image_size=image_size, eval_size=eval_size,
+                             instruct_size=instruct_size, shard_size=shard_size)
+    return write_world(Path(out), settings)
 
 
 def _human_bytes(n: float) -> str:
@@ -140,36 +135,44 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-def check_arguments(
-    out: Path,
-    *,
-    seed: int,
-    size: int,
-    image_size: int,
-    eval_size: int,
-    instruct_size: int | None,
-    shard_size: int,
-) -> None:
-    """One-line errors for arguments that cannot make a world."""
-    if seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    if size < 1:
-        raise ConfigError(f"--size must be >= 1 pre-training pairs, got {size}")
-    if image_size < 16:
-        raise ConfigError(f"--image-size must be >= 16 pixels, got {image_size}")
-    if eval_size < 2:
-        raise ConfigError(f"--eval-size must be >= 2 held-out images, got {eval_size}")
-    if instruct_size is not None and instruct_size < 1:
-        raise ConfigError(f"--instruct-size must be >= 1 images, got {instruct_size}")
-    if shard_size < 1:
-        raise ConfigError(f"--shard-size must be >= 1 pairs per shard, got {shard_size}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory path")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"--out {out}: {parent} is a file, not a directory; give another path")
-    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
-        raise ConfigError(f"--out {out} holds other files (no ShapesWorld summary.json); use a new directory")
+@dataclass(frozen=True)
+class WorldSettings:
+    """The sizes and seed of a world (``dvd data shapesworld``'s options)."""
+
+    seed: int = 0
+    size: int = 20000  # pre-training pairs
+    image_size: int = 32
+    eval_size: int = 300  # held-out images (COCO / VQA / POPE) and zero-shot test images per task
+    instruct_size: int | None = None  # LLaVA training images; default max(eval_size, size // 10)
+    shard_size: int = 5000
+
+    @property
+    def n_train(self) -> int:
+        return self.instruct_size if self.instruct_size is not None else max(self.eval_size, self.size // 10)
+
+    def check(self, out: Path) -> None:
+        """One-line errors for settings that cannot make a world in ``out``."""
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.size < 1:
+            raise ConfigError(f"--size must be >= 1 pre-training pairs, got {self.size}")
+        if self.image_size < 16:
+            raise ConfigError(f"--image-size must be >= 16 pixels, got {self.image_size}")
+        if self.eval_size < 2:
+            raise ConfigError(f"--eval-size must be >= 2 held-out images, got {self.eval_size}")
+        if self.instruct_size is not None and self.instruct_size < 1:
+            raise ConfigError(f"--instruct-size must be >= 1 images, got {self.instruct_size}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1 pairs per shard, got {self.shard_size}")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a directory path")
+        for parent in out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a directory; give another path")
+        if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+            raise ConfigError(
+                f"--out {out} holds other files (no ShapesWorld summary.json); use a new directory"
+            )
 
 
 def _write_images(
@@ -188,27 +191,14 @@ def _write_images(
     return rows
 
 
-def write_world(
-    root: Path,
-    *,
-    seed: int,
-    size: int,
-    image_size: int,
-    eval_size: int,
-    instruct_size: int | None,
-    shard_size: int,
-) -> dict[str, Any]:
+def write_world(root: Path, settings: WorldSettings) -> dict[str, Any]:
     """Write every ShapesWorld file under ``root``; returns the summary written to summary.json.
 
     The world is written into a temporary sibling folder and renamed onto ``root`` at the end, so a
     run killed part-way leaves ``root`` as it was (absent, empty or the previous world), and the next
     run removes the dead run's temporary folder.
     """
-    settings = dict(
-        seed=seed, size=size, image_size=image_size, eval_size=eval_size, instruct_size=instruct_size,
-        shard_size=shard_size,
-    )
-    check_arguments(root, **settings)
+    settings.check(root)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(root)
@@ -216,7 +206,7 @@ def write_world(
     except OSError as error:
         raise ConfigError(f"--out {root}: cannot write there ({error.strerror}); pick another path") from None
     try:
-        summary = _write_files(tmp, **settings)
+        summary = _write_files(tmp, settings)
         _replace_folder(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,18 +242,10 @@ def _replace_folder(new: Path, root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_files(
-    root: Path,
-    *,
-    seed: int,
-    size: int,
-    image_size: int,
-    eval_size: int,
-    instruct_size: int | None,
-    shard_size: int,
-) -> dict[str, Any]:
+def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
     """Every file of the world under the fresh folder ``root``; returns the summary."""
-    n_train = instruct_size if instruct_size is not None else max(eval_size, size // 10)
+    seed, size, image_size, eval_size = settings.seed, settings.size, settings.image_size, settings.eval_size
+    shard_size, n_train = settings.shard_size, settings.n_train
     records: dict[str, int] = {}
 
     shards = []
