@@ -140,7 +140,8 @@ class Demo:
                 Stage(f"train {name}", self._train_clip_fn(name), self._final_exists(name), needs=needs)
             )
         for name in CLIP_MODELS:
-            for task, run in (("zeroshot", self._zeroshot_fn(name)), ("retrieval", self._retrieval_fn(name))):
+            for task in ("zeroshot", "retrieval"):
+                run = self._clip_eval_fn(task, name)
                 stages.append(
                     Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
                 )
@@ -330,29 +331,21 @@ class Demo:
     def _eps(self) -> str:
         return ",".join(self.preset.eps)
 
-    def _zeroshot_fn(self, name: str) -> Callable[[], None]:
-        def run() -> None:
-            p = self.preset
-            argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
-                    "--eps", self._eps(), "--attack", p.zeroshot_attack, "--steps", str(p.zeroshot_steps),
-                    "--limit", str(p.zeroshot_limit), "--batch-size", "100", "--seed", str(p.seed),
-                    "--device", self.device, "--out", str(self.results_file("zeroshot", name)),
-                    "--no-progress"]
-            with _quiet_stdout():
-                _check(zeroshot.cli(argv), f"dvd eval zeroshot ({name})")
+    def _clip_eval_fn(self, task: str, name: str) -> Callable[[], None]:
+        """``dvd eval zeroshot | retrieval`` of one CLIP, the same attack for every model."""
+        p = self.preset
+        module, steps, limit, extra = {
+            "zeroshot": (zeroshot, p.zeroshot_steps, p.zeroshot_limit, ["--attack", p.zeroshot_attack]),
+            "retrieval": (retrieval, p.retrieval_steps, p.retrieval_limit, ["--split", "test"]),
+        }[task]
 
-        return run
-
-    def _retrieval_fn(self, name: str) -> Callable[[], None]:
         def run() -> None:
-            p = self.preset
             argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
-                    "--split", "test", "--eps", self._eps(), "--steps", str(p.retrieval_steps),
-                    "--limit", str(p.retrieval_limit), "--batch-size", "100", "--seed", str(p.seed),
-                    "--device", self.device, "--out", str(self.results_file("retrieval", name)),
-                    "--no-progress"]
+                    "--eps", self._eps(), *extra, "--steps", str(steps), "--limit", str(limit),
+                    "--batch-size", "100", "--seed", str(p.seed), "--device", self.device,
+                    "--out", str(self.results_file(task, name)), "--no-progress"]
             with _quiet_stdout():
-                _check(retrieval.cli(argv), f"dvd eval retrieval ({name})")
+                _check(module.cli(argv), f"dvd eval {task} ({name})")
 
         return run
 

@@ -121,6 +121,16 @@ class ImageTowerStep(nn.Module):
         }
 
 
+def recipe_pgd(
+    loss: Any, objective: Any, *, steps: int, info: StepInfo
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The recipe's PGD-``steps`` on ``objective``, as the function of the images a step module calls
+    (``loss`` supplies the CLIP, the attack settings and the rank)."""
+    return functools.partial(
+        run_pgd, objective, model=loss.clip, settings=loss.attack, steps=steps, rank=loss.env.rank, info=info
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # losses (one per recipe family); each returns a dict of named losses, as open_clip's trainer does
 
@@ -176,15 +186,7 @@ class ContrastiveLoss:
         self, images: torch.Tensor, text: torch.Tensor, *, steps: int, info: StepInfo
     ) -> torch.Tensor:
         objective = clip_contrastive(self.encoder, text, self.clip.logit_scale.detach())
-        return run_pgd(
-            objective,
-            images,
-            model=self.clip,
-            settings=self.attack,
-            steps=steps,
-            rank=self.env.rank,
-            info=info,
-        )
+        return recipe_pgd(self, objective, steps=steps, info=info)(images)
 
     @torch.no_grad()
     def _attack_stats(
@@ -220,18 +222,8 @@ class TecoaLoss:
         images, labels = (t.to(self.env.device, non_blocking=True) for t in batch)
         steps = phase_at(self.phases, info.step).attack_steps
 
-        def attack(x: torch.Tensor) -> torch.Tensor:
-            return run_pgd(
-                cross_entropy(self.head, labels),
-                x,
-                model=self.clip,
-                settings=self.attack,
-                steps=steps,
-                rank=self.env.rank,
-                info=info,
-            )
-
-        out = self.model(images, attack=attack)
+        objective = cross_entropy(self.head, labels)
+        out = self.model(images, attack=recipe_pgd(self, objective, steps=steps, info=info))
         logits = self.scale * out["features"] @ self.head.weights
         loss = F.cross_entropy(logits.float(), labels)
         result: dict[str, Any] = {
@@ -241,7 +233,6 @@ class TecoaLoss:
         }
         if info.log:
             with gathered(self.model), torch.no_grad(), module_mode(self.clip, self.attack.train_mode):
-                objective = cross_entropy(self.head, labels)
                 before, after = objective(images), objective(out["images"])
             result.update(
                 _attack_summary(
@@ -276,23 +267,12 @@ class FareLoss:
         with torch.no_grad():
             target = self.reference(images)
 
-        def attack(x: torch.Tensor) -> torch.Tensor:
-            return run_pgd(
-                embedding_distance(self.encoder, target),
-                x,
-                model=self.clip,
-                settings=self.attack,
-                steps=steps,
-                rank=self.env.rank,
-                info=info,
-            )
-
-        out = self.model(images, attack=attack)
+        objective = embedding_distance(self.encoder, target)
+        out = self.model(images, attack=recipe_pgd(self, objective, steps=steps, info=info))
         loss = (out["features"].float() - target).pow(2).sum(dim=1).mean()
         result: dict[str, Any] = {"loss": loss, "embedding_distance": loss.detach()}
         if info.log:
             with gathered(self.model), torch.no_grad(), module_mode(self.clip, self.attack.train_mode):
-                objective = embedding_distance(self.encoder, target)
                 before, after = objective(images), objective(out["images"])
             result.update(_attack_summary(before.loss, after.loss, None, None, self.attack.eps_at(info.step)))
         return result
