@@ -331,12 +331,13 @@ class Checkpointer:
         """Load checkpoint ``path`` into every registered part; returns the step to continue from."""
         state = self.manager.load(path, model=self.model, optimizer=self.optimizer)
         for name, part in self.states.items():
-            if not state.get(name):
+            if name not in state:
                 raise ConfigError(
                     f"checkpoint {path} has no {name} state (another precision or an older dvd wrote it); "
                     "resume with the settings it was written with or start a fresh output_dir"
                 )
-            part.load_state_dict(state[name])
+            if state[name]:  # an unused part (a disabled loss scaler) saves an empty state
+                part.load_state_dict(state[name])
         return int(state["step"])
 
     def resume(self, resume: str | None) -> int:
