@@ -30,8 +30,11 @@ from dvd.attacks.gradients import frozen_parameters, value_and_grad
 from dvd.attacks.objectives import clip_contrastive
 from dvd.models.clip import create_clip
 from dvd.train.attack import AttackSettings
-from dvd.train.clip import ContrastiveLoss, ContrastiveStep, Phase, PixelEncoder, Resolution
-from dvd.train.loop import DistEnv, StepInfo, adamw
+from dvd.train.clip_losses import ContrastiveLoss, ContrastiveStep, PixelEncoder
+from dvd.train.clip_resolution import Phase, Resolution
+from dvd.train.distributed import DistEnv
+from dvd.train.loop import StepInfo
+from dvd.train.setup import adamw
 
 EPS = 4 / 255
 

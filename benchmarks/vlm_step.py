@@ -32,9 +32,12 @@ import torch
 from dvd.data.shapesworld import generate
 from dvd.models.vlm import create_vlm
 from dvd.train.attack import AttackSettings
-from dvd.train.loop import DistEnv, StepInfo, adamw, autocast, resolve_precision
+from dvd.train.distributed import DistEnv
+from dvd.train.loop import StepInfo
+from dvd.train.precision import autocast, training_precision
+from dvd.train.setup import adamw
+from dvd.train.vlm_config import TINY_LLAMA
 from dvd.train.vlm_data import build_conversations, resolve_source, shapesworld_tokenizer
-from dvd.train.vlm_model import TINY_LLAMA
 from dvd.train.vlm_step import InstructionLoss, InstructionStep
 
 EPS, STEP_SIZE = 4 / 255, 3 / 255
@@ -110,7 +113,7 @@ def setup(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    precision = resolve_precision("auto", device)
+    precision = training_precision("auto", device)
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "sw"
         generate(world, seed=0, size=16, image_size=32, eval_size=4, instruct_size=args.batch_size)

@@ -8,9 +8,23 @@ import sys
 from dvd.cli import main
 
 
-def test_help_lists_commands(capsys):
+def test_help_lists_every_installed_command(capsys):
     assert main(["--help"]) == 0
-    assert "usage: dvd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dvd")
+    listed = [line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("  ")]
+    for command in ("demo", "data shapesworld", "train clip", "train vlm", "eval zeroshot", "eval retrieval",
+                    "eval caption", "eval vqa", "eval pope", "eval targeted"):
+        assert command in listed, command
+
+
+def test_a_command_group_lists_its_commands(capsys):
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dvd eval <command>")
+    assert "eval zeroshot" in out and "eval targeted" in out and "train clip" not in out
+    assert main(["train"]) == 2  # no job named: the group's list, as an error
+    assert "train clip" in capsys.readouterr().err
 
 
 def test_unknown_command_is_an_error_with_exit_code_2(capsys):

@@ -9,7 +9,8 @@ import pytest
 
 from dvd import demo as demo_module
 from dvd.config import ConfigError
-from dvd.demo import CLIP_MODELS, cli
+from dvd.demo import cli
+from dvd.demo_preset import CLIP_MODELS, load_preset
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
 FIGURES = ("zeroshot_headline.png", "zeroshot_vs_eps.png", "retrieval_vs_eps.png", "examples.png")
@@ -46,7 +47,7 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
 
 def test_demo_writes_each_stage_config_as_a_rerunnable_yaml(demo_dir: Path) -> None:
     from dvd.config import load_config
-    from dvd.train.clip import ClipTrainConfig
+    from dvd.train.clip_config import ClipTrainConfig
 
     cfg = load_config(ClipTrainConfig, demo_dir / "configs" / "tecoa.yaml")
     assert cfg.recipe == "tecoa"
@@ -99,7 +100,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(
     monkeypatch.undo()
     assert cli(argv) == 0
     summary = json.loads((model / "summary.json").read_text())
-    steps = demo_module.PRESETS["test"].clip_recipes["clean-clip"]["steps"]
+    steps = load_preset("test").clip_recipes["clean-clip"]["steps"]
     assert summary["resumed_from"] == steps and summary["step"] == steps
     assert (model / "final" / "open_clip_config.json").is_file()
     assert json.loads((tmp_path / "stages.json").read_text())["train clean-clip"]["status"] == "done"
@@ -111,23 +112,21 @@ def test_an_interrupted_world_is_generated_again_not_reused(
 ) -> None:
     from dvd.data import shapesworld
 
-    def half_written(argv: list[str]) -> int:
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir(parents=True)
-        (out / "pretrain").mkdir()
-        raise KeyboardInterrupt
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # half-way: shards and images written, VQA not yet
 
     argv = ["--out", str(tmp_path), "--preset", "test", "--no-vlm", "--only", "world"]
-    monkeypatch.setattr(shapesworld, "cli", half_written)
+    monkeypatch.setattr(shapesworld, "write_vqa", interrupted)
     assert cli(argv) == 130
     assert not (tmp_path / "world").exists()
     monkeypatch.undo()
     assert cli(argv) == 0
-    assert (tmp_path / "world" / "summary.json").is_file() and not (tmp_path / "world.partial").exists()
+    assert (tmp_path / "world" / "summary.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries
 
 
 def test_the_two_lanes_split_the_stages_into_the_clean_and_the_delta_chain(tmp_path: Path) -> None:
-    demo = demo_module.Demo(tmp_path, demo_module.PRESETS["test"], vlm=True)
+    demo = demo_module.Demo(tmp_path, load_preset("test"), vlm=True)
     clean, delta = demo.lanes()
     names = [s.name for s in demo.stages()]
     assert sorted(clean + delta + ["world"]) == sorted(names)
@@ -140,8 +139,7 @@ def test_the_two_lanes_split_the_stages_into_the_clean_and_the_delta_chain(tmp_p
         stages["zeroshot fare"].needs == ("train fare",)
         and stages["train fare"].needs[-1] == "train clean-clip"
     )
-    if demo_module.vlm_available():
-        assert "train delta2-llava stage2" in delta and "train clean-llava stage1" in clean
+    assert "train delta2-llava stage2" in delta and "train clean-llava stage1" in clean
 
 
 def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dvd.demo import PRESETS, Demo
+from dvd.demo import Demo
+from dvd.demo_preset import DemoLayout, ReportInputs, load_preset
 from dvd.demo_report import headline, write_report
 from dvd.eval.report import average_rows, markdown_table, plot_clean_vs_robust, plot_metric_vs_eps
 
@@ -19,7 +20,7 @@ def row(
 ):
     return {"model": model, "task": task, "dataset": dataset, "metric": "accuracy", "attack": "apgd-ce",
             "eps": eps, "steps": 100, "clean": clean, "adversarial": adversarial, "n": 100, "seconds": 1.0,
-            "seed": 0, "flags": [], "versions": {}}  # fmt: skip
+            "seed": 0, "flags": [], "versions": {}}
 
 
 def rows_for(model: str, clean: float, robust: float) -> list[dict]:
@@ -49,7 +50,7 @@ def test_plots_are_written_as_png_files(tmp_path: Path) -> None:
             eps=EPS4,
             title="t",
             ylabel="accuracy (%)",
-        ),  # fmt: skip
+        ),
         plot_metric_vs_eps(rows, tmp_path / "lines.png", task="zeroshot", title="t", ylabel="accuracy (%)"),
     ):
         assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
@@ -65,7 +66,7 @@ def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
     rows = rows_for("clean-clip", 0.9, 0.1)
     rows += [row("clean-clip", f"shapesworld/{t}", 2 / 255, 0.9, 0.5) for t in ("color", "shape")]
     assert headline(rows) == {"clean-clip": {"clean": pytest.approx(0.9), "adversarial": pytest.approx(0.1),
-                                             "n": 200}}  # fmt: skip
+                                             "n": 200}}
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,9 @@ def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
 def test_report_states_whether_the_delta_clip_target_holds(
     tmp_path: Path, delta_clean: float, delta_robust: float, verdict: str
 ) -> None:
-    demo = Demo(tmp_path, PRESETS["test"], vlm=False)
+    preset = load_preset("test")
+    lanes = Demo(tmp_path, preset, vlm=False).lanes()
+    inputs = ReportInputs(DemoLayout(tmp_path), preset, device="cpu", include_vlm=False, lanes=lanes)
     rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, delta_robust)
     rows += rows_for("tecoa", 0.7, 0.3) + rows_for("fare", 0.8, 0.2)
     (tmp_path / "results.json").write_text(json.dumps(rows))
@@ -83,7 +86,7 @@ def test_report_states_whether_the_delta_clip_target_holds(
             {"train delta-clip": {"status": "done", "seconds": 12.0, "cpu_seconds": 10.0, "load": 1.0}}
         )
     )
-    report = write_report(demo, tmp_path / "results.json").read_text()
+    report = write_report(inputs, tmp_path / "results.json").read_text()
     assert f"(≥ +30 pt attacked, ≤ 20 pt clean cost) {verdict}" in report
     assert "+50.0 pt" in report  # delta-clip 60% vs clean-clip 10% attacked
     assert "ΔCLIP is 30.0 pt ahead of the best of them (tecoa)" in report
@@ -98,7 +101,7 @@ def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why(
     def pope(model: str, yes_ratio: float) -> list[dict]:
         splits = ("random", "popular", "adversarial")
         return [{**row(model, f"shapesworld/pope_{s}", 0.0, yes_ratio, None, "pope"), "metric": "yes_ratio"}
-                for s in splits]  # fmt: skip
+                for s in splits]
 
     rows = pope("clean-llava", 0.0) + pope("delta2-llava", 0.48) + rows_for("clean-clip", 0.14, 0.05)
     (note,) = _pope_notes(rows)

@@ -25,8 +25,9 @@ from _llava_layouts import (
 )
 from dvd.cli import main
 from dvd.config import ConfigError
-from dvd.data.shapesworld import Scene, generate
+from dvd.data.shapesworld import generate
 from dvd.data.shapesworld_reasoning import write_reasoning_sets
+from dvd.data.shapesworld_scenes import Scene
 from dvd.eval.results import read_rows
 from dvd.eval.vlm_attack import load_model
 from dvd.models.clip import create_clip, save_clip
@@ -37,8 +38,9 @@ from dvd.models.llava_original import (
     read_weights,
 )
 from dvd.models.llava_preprocess import model_transform
-from dvd.models.vlm import load_vlm, vision_tower_from_clip
+from dvd.models.vlm import vision_tower_from_clip
 from dvd.models.vlm_hf import load_hf_llava
+from dvd.models.vlm_io import load_vlm
 
 PROMPTS = ["What color is the circle?", "Provide a short caption for this image."]
 ANSWERS = ["red.", "a blue square."]

@@ -16,11 +16,13 @@ import yaml
 
 from dvd.cli import COMMANDS, main
 from dvd.data.shapesworld import generate
-from dvd.demo import PRESETS, Demo
+from dvd.demo import Demo
+from dvd.demo_preset import load_preset
 from dvd.models.clip import create_clip, save_clip
-from dvd.models.vlm import create_vlm, save_vlm
+from dvd.models.vlm import create_vlm
+from dvd.models.vlm_io import save_vlm
 from test_vlm_eval_commands import world_tokenizer
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO = Path("runs/demo")  # `make demo` runs `dvd demo --out runs/demo`
@@ -45,7 +47,7 @@ COMMAND_LINES = readme_commands()
 
 def demo_outputs() -> set[Path]:
     """What `make demo` leaves behind, from the demo's own plan: its world and every trained model."""
-    demo = Demo(DEMO, PRESETS["quick"])
+    demo = Demo(DEMO, load_preset("quick"))
     stages = [s.name for s in demo.stages()]
     trained = [name.removeprefix("train ").replace(" ", "-") for name in stages if name.startswith("train ")]
     return {demo.world, *(demo.final(name) for name in trained)}

@@ -8,38 +8,30 @@ from pathlib import Path
 import pytest
 
 from dvd.config import load_config
-from dvd.train.clip import ClipTrainConfig, check_config, train_clip
+from dvd.train.clip import train_clip
+from dvd.train.clip_config import ClipTrainConfig, check_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLIP_RECIPES = sorted(CONFIGS.glob("clip_*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dvd.data.shapesworld import generate
-
-    root = tmp_path_factory.mktemp("world") / "sw"
-    generate(root, seed=0, size=48, image_size=32, eval_size=12, shard_size=24)
-    return root
-
-
-@pytest.fixture(scope="module")
-def clean_start(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean_start(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clean")
     cfg = load_config(
         ClipTrainConfig,
         CONFIGS / "clip_clean_demo.yaml",
-        [f"data={world}", f"output_dir={out}", "steps=1", "batch_size=4", "progress=false",
+        [f"data={shapesworld}", f"output_dir={out}", "steps=1", "batch_size=4", "progress=false",
          "eval_every=0", "warmup_steps=0", "shuffle_buffer=8"],
     )
     train_clip(check_config(cfg))
     return out / "final"
 
 
-def _tiny_overrides(path: Path, world: Path, out: Path, clean_start: Path) -> list[str]:
+def _tiny_overrides(path: Path, shapesworld: Path, out: Path, clean_start: Path) -> list[str]:
     raw = load_config(ClipTrainConfig, path)
     overrides = [
-        "model=dvd-tiny-vit", f"data={world}", "data_format=shapesworld", f"output_dir={out}",
+        "model=dvd-tiny-vit", f"data={shapesworld}", "data_format=shapesworld", f"output_dir={out}",
         "batch_size=4", "workers=0", "progress=false", "eval_every=0", "warmup_steps=0",
         "eps_warmup_steps=0", "shuffle_buffer=8", "precision=fp32", "device=cpu",
         "grad_checkpointing=false", "checkpoint_every=1",
@@ -57,8 +49,9 @@ def _tiny_overrides(path: Path, world: Path, out: Path, clean_start: Path) -> li
 
 
 @pytest.mark.parametrize("path", CLIP_RECIPES, ids=lambda p: p.stem)
-def test_every_clip_recipe_trains_a_step_with_a_tiny_override(path, world, clean_start, tmp_path):
+def test_every_clip_recipe_trains_a_step_with_a_tiny_override(path, shapesworld, clean_start, tmp_path):
     out = tmp_path / "run"
-    cfg = check_config(load_config(ClipTrainConfig, path, _tiny_overrides(path, world, out, clean_start)))
+    overrides = _tiny_overrides(path, shapesworld, out, clean_start)
+    cfg = check_config(load_config(ClipTrainConfig, path, overrides))
     summary = train_clip(cfg)
     assert summary["final"] and (out / "final" / "open_clip_model.safetensors").is_file()

@@ -13,15 +13,17 @@ from PIL import Image
 from dvd.cli import main
 from dvd.data.mme import MME
 from dvd.data.scienceqa import is_correct, parse_letter, read_scienceqa, scienceqa_split
-from dvd.data.shapesworld import Scene, generate
+from dvd.data.shapesworld import generate
 from dvd.data.shapesworld_reasoning import SCIENCEQA_FILE, mme_questions, write_reasoning_sets
+from dvd.data.shapesworld_scenes import Scene
 from dvd.data.transforms import image_transform
 from dvd.eval import scienceqa as sqa_eval
 from dvd.eval.mme import evaluate_mme, mme_answer, mme_scores
 from dvd.eval.results import read_rows
-from dvd.models.vlm import build_tokenizer, create_vlm, save_vlm
+from dvd.models.vlm import build_tokenizer, create_vlm
+from dvd.models.vlm_io import save_vlm
 from dvd.models.vlm_tokenizer import texts_from_files
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 FAST = ["--limit", "6", "--batch-size", "3", "--steps", "2", "--max-new-tokens", "4", "--no-progress"]
 
@@ -216,7 +218,7 @@ def test_scienceqa_command_clean_and_under_apgd(world, checkpoint, tmp_path):
 def test_scienceqa_accounting_clean_and_under_attack(world, checkpoint, monkeypatch):
     """A model that answers an image question right only on the unperturbed image, and every text-only
     question right: under attack the image questions fall, the text-only ones stay in the overall number."""
-    from dvd.models.vlm import load_vlm
+    from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(checkpoint)
     images, texts = scienceqa_split(world / SCIENCEQA_FILE, world / "images", transform=image_transform(32))
@@ -259,7 +261,7 @@ def test_mme_command_writes_subtask_rows_and_the_perception_score(world, checkpo
 
 
 def test_mme_rows_follow_the_answers(world, checkpoint, monkeypatch):
-    from dvd.models.vlm import load_vlm
+    from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(checkpoint)
     monkeypatch.setattr(type(model), "generate", lambda self, x, prompts, **k: ["Yes"] * len(prompts))

@@ -14,18 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dvd.data.shapesworld import (
-    SPEC,
-    Scene,
-    caption,
-    captions,
-    plural,
-    render,
-    render_array,
-    sample_scene,
-    scene_rng,
-)
+from dvd.data.shapesworld_captions import caption, captions, plural
 from dvd.data.shapesworld_formats import png_bytes
+from dvd.data.shapesworld_scenes import SPEC, Scene, render, render_array, sample_scene, scene_rng
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 

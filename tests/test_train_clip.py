@@ -10,45 +10,31 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from open_clip.constants import IMAGENET_MEAN, OPENAI_DATASET_MEAN
 from safetensors.torch import load_file
 
 from dvd.config import ConfigError, load_config
 from dvd.models.clip import load_clip
 from dvd.train.attack import AttackSettings
-from dvd.train.clip import (
-    ClipTrainConfig,
-    ContrastiveLoss,
-    ContrastiveStep,
-    InterpolatedPositions,
-    Phase,
-    Resolution,
-    build_phases,
-    check_config,
-    train_clip,
-)
-from dvd.train.loop import DistEnv, StepInfo
+from dvd.train.clip import train_clip
+from dvd.train.clip_config import ClipTrainConfig, check_config
+from dvd.train.clip_losses import ContrastiveLoss, ContrastiveStep
+from dvd.train.clip_resolution import InterpolatedPositions, Phase, Resolution, build_phases
+from dvd.train.distributed import DistEnv
+from dvd.train.loop import StepInfo
 
 TINY = ["model=dvd-tiny-vit", "batch_size=8", "progress=false", "warmup_steps=1", "shuffle_buffer=16"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dvd.data.shapesworld import generate
-
-    root = tmp_path_factory.mktemp("world") / "sw"
-    generate(root, seed=0, size=96, image_size=32, eval_size=20, shard_size=24)
-    return root
-
-
-def run(world: Path, out: Path, *overrides: str) -> dict:
-    cfg = load_config(ClipTrainConfig, None, [f"data={world}", f"output_dir={out}", *TINY, *overrides])
+def run(shapesworld: Path, out: Path, *overrides: str) -> dict:
+    cfg = load_config(ClipTrainConfig, None, [f"data={shapesworld}", f"output_dir={out}", *TINY, *overrides])
     return train_clip(cfg)
 
 
 @pytest.fixture(scope="module")
-def clean_clip(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean_clip(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clean")
-    summary = run(world, out, "recipe=clean", "steps=3", "checkpoint_every=3")
+    summary = run(shapesworld, out, "recipe=clean", "steps=3", "checkpoint_every=3")
     return Path(summary["final"])
 
 
@@ -72,12 +58,13 @@ def test_clean_recipe_exports_a_folder_plain_open_clip_loads_with_identical_embe
     assert torch.equal(open_clip_features(clean_clip, images), expected)
 
 
-def test_delta_trains_checkpoints_logs_attack_and_evaluates(world, tmp_path):
+def test_delta_trains_checkpoints_logs_attack_and_evaluates(shapesworld, tmp_path):
     summary = run(
-        world, tmp_path, "recipe=delta", "steps=4", "attack_steps=2", "checkpoint_every=2", "log_every=2",
-        "eval_every=4", "eval_tasks=color", "eval_samples=8", "eval_attack_steps=2", "keep_last=1",
-    )  # fmt: skip
-    assert summary["step"] == 4 and summary["skipped"] == 0
+        shapesworld, tmp_path, "recipe=delta", "steps=4", "attack_steps=2", "checkpoint_every=2",
+        "log_every=2", "eval_every=4", "eval_tasks=color", "eval_samples=8", "eval_attack_steps=2",
+        "keep_last=1",
+    )
+    assert summary["step"] == 4 and summary["skipped_steps"] == 0
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert checkpoints == ["step-000000004"]  # keep_last=1 pruned step 2
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000000004"
@@ -110,9 +97,9 @@ def test_delta_trains_checkpoints_logs_attack_and_evaluates(world, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["tecoa", "fare"])
-def test_finetuning_recipes_train_only_the_image_tower(recipe, world, clean_clip, tmp_path):
+def test_finetuning_recipes_train_only_the_image_tower(recipe, shapesworld, clean_clip, tmp_path):
     summary = run(
-        world,
+        shapesworld,
         tmp_path,
         f"recipe={recipe}",
         f"pretrained={clean_clip}",
@@ -131,11 +118,11 @@ def test_finetuning_recipes_train_only_the_image_tower(recipe, world, clean_clip
     assert torch.equal(before["logit_scale"], after["logit_scale"])
 
 
-def test_resolution_phases_train_low_res_then_full_res_and_keep_a_full_size_embedding(world, tmp_path):
+def test_resolution_phases_train_low_res_then_full_res_and_keep_a_full_size_embedding(shapesworld, tmp_path):
     phases = (
         "phases=[{steps: 2, image_size: 16, attack_steps: 1}, {steps: 1, image_size: 32, attack_steps: 2}]"
     )
-    summary = run(world, tmp_path, "recipe=delta", "steps=3", "checkpoint_every=3", phases)
+    summary = run(shapesworld, tmp_path, "recipe=delta", "steps=3", "checkpoint_every=3", phases)
     weights = load_file(str(Path(summary["final"]) / "open_clip_model.safetensors"))
     assert weights["visual.positional_embedding"].shape == (1 + 8 * 8, 64)
     assert not any("parametrizations" in k for k in weights)
@@ -148,6 +135,39 @@ def test_resolution_phases_train_low_res_then_full_res_and_keep_a_full_size_embe
 
 
 # ------------------------------------------------------------------------------------------ pieces
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ("steps=4", "trained with steps=2 but this run has steps=4: the lr schedule is fixed"),
+        ("warmup_steps=2", "trained with warmup_steps=1 but this run has warmup_steps=2: the lr schedule"),
+        ("lr=1e-3", "trained with lr=[0.0005, 0.0005] but this run has lr=[0.001, 0.001]: the lr schedule"),
+    ],
+)
+def test_resuming_with_another_schedule_is_refused_with_the_reason(changed, message, shapesworld, tmp_path):
+    run(shapesworld, tmp_path, "recipe=clean", "steps=2", "checkpoint_every=2")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(shapesworld, tmp_path, "recipe=clean", "steps=2", "resume=latest", changed)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "mean"),
+    [("model", OPENAI_DATASET_MEAN), ("openai", OPENAI_DATASET_MEAN),
+     ("imagenet", IMAGENET_MEAN)],
+)
+def test_the_recipe_normalization_is_a_setting_saved_with_the_model(
+    normalization, mean, shapesworld, tmp_path
+):
+    summary = run(shapesworld, tmp_path, "recipe=clean", "steps=1", f"normalization={normalization}")
+    saved = load_clip(summary["final"])
+    assert saved.preprocess_cfg["mean"] == pytest.approx(list(mean))
+    assert saved.mean.flatten().tolist() == pytest.approx(list(mean))
+
+
+def test_an_unknown_normalization_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="did you mean 'imagenet'"):
+        check_config(_cfg("normalization=imagenett"))
 
 
 def test_interpolated_positions_are_identity_at_native_size_and_differentiable_when_smaller():
@@ -233,7 +253,7 @@ def _cfg(*overrides: str) -> ClipTrainConfig:
     return load_config(ClipTrainConfig, None, ["data=somewhere", *overrides])
 
 
-def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_them(world):
+def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_them(shapesworld):
     import io
     import tarfile
 
@@ -244,7 +264,7 @@ def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_the
     from dvd.train.clip_data import build_dataset, shapesworld_shards
 
     clip = create_clip("dvd-tiny-vit")
-    with tarfile.open(shapesworld_shards(world)[0]) as tar:
+    with tarfile.open(shapesworld_shards(shapesworld)[0]) as tar:
         stored = {
             Path(m.name).stem: np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
             for m in tar.getmembers()
@@ -253,8 +273,8 @@ def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_the
     as_tensor = [torch.tensor(a).permute(2, 0, 1).float().div(255) for a in stored.values()]
     stored_images = {t.numpy().tobytes() for t in as_tensor}
     for augment in (False, True):
-        cfg = load_config(ClipTrainConfig, None, [f"data={world}", "recipe=clean", "shuffle_buffer=0",
-                                                  f"augment={str(augment).lower()}"])  # fmt: skip
+        cfg = load_config(ClipTrainConfig, None, [f"data={shapesworld}", "recipe=clean", "shuffle_buffer=0",
+                                                  f"augment={str(augment).lower()}"])
         dataset, _, _ = build_dataset(cfg, clip)
         images = [image for image, _ in itertools.islice(iter(dataset), 8)]
         exact = [image.numpy().tobytes() in stored_images for image in images]
@@ -270,6 +290,23 @@ def test_unknown_recipe_is_an_error_with_a_suggestion():
 def test_finetuning_without_a_pretrained_model_names_the_fix():
     with pytest.raises(ConfigError, match="pretrained="):
         check_config(_cfg("recipe=tecoa"))
+
+
+def test_an_unknown_model_name_suggests_the_closest_few_not_every_open_clip_name(
+    shapesworld, tmp_path, capsys
+):
+    from dvd.cli import main as dvd_main
+
+    args = [f"data={shapesworld}", f"output_dir={tmp_path}", *TINY, "model=nosuch", "steps=1"]
+    assert dvd_main(["train", "clip", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dvd: error: unknown CLIP model 'nosuch' (closest of ") and "\n" not in err
+    assert len(err) < 400, err
+
+
+def test_negative_weight_decay_is_refused():
+    with pytest.raises(ConfigError, match="weight_decay must be a number >= 0, got -1"):
+        check_config(_cfg("weight_decay=-1"))
 
 
 def test_eps_above_one_without_unit_is_refused():
@@ -295,10 +332,10 @@ def test_missing_data_root_is_a_one_line_error(tmp_path):
         train_clip(cfg)
 
 
-def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(world, tmp_path):
+def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(shapesworld, tmp_path):
     import json
 
-    annotations = json.loads((world / "captions" / "annotations.json").read_text())
+    annotations = json.loads((shapesworld / "captions" / "annotations.json").read_text())
     captions = {a["image_id"]: a["caption"] for a in annotations["annotations"]}
     rows = [f"{image['file_name']}\t{captions[image['id']]}" for image in annotations["images"][:17]]
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -306,6 +343,6 @@ def test_csv_pairs_train_and_a_corrupt_image_is_skipped_not_fatal(world, tmp_pat
     (tmp_path / "pairs.csv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
     summary = run(
         tmp_path / "pairs.csv", tmp_path / "out", "recipe=delta", "steps=3", "checkpoint_every=3",
-        "attack_steps=1", f"csv_image_root={world / 'images'}",
-    )  # fmt: skip
-    assert summary["step"] == 3 and summary["skipped"] == 0
+        "attack_steps=1", f"csv_image_root={shapesworld / 'images'}",
+    )
+    assert summary["step"] == 3 and summary["skipped_steps"] == 0

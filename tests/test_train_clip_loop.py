@@ -12,23 +12,18 @@ import torch
 from torch import nn
 
 from dvd.config import ConfigError
-from dvd.train.loop import (
+from dvd.train.checkpoint import (
+    Checkpointer,
     CheckpointManager,
-    CosineSchedule,
-    DataStream,
-    DistEnv,
-    LoopSettings,
-    NonFiniteGuard,
-    StepInfo,
-    TrainingDiverged,
-    fit,
     load_safetensors,
     load_trusted_state,
-    restore,
-    rng_state,
     save_safetensors,
-    set_rng_state,
 )
+from dvd.train.distributed import DistEnv
+from dvd.train.loop import LoopSettings, StepInfo, fit
+from dvd.train.rng import rng_state, set_rng_state
+from dvd.train.schedule import CosineSchedule, NonFiniteGuard, TrainingDiverged
+from dvd.train.stream import DataStream
 
 ENV = DistEnv()
 
@@ -66,6 +61,17 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_the_floor():
 
 
 # ------------------------------------------------------------------------------------------ non-finite
+
+
+def test_a_schedule_configured_otherwise_refuses_the_saved_state_and_resumes_the_same_one():
+    saved = CosineSchedule(toy()[1], warmup_steps=2, total_steps=9)
+    saved.apply(5)
+    longer = CosineSchedule(toy()[1], warmup_steps=2, total_steps=18)
+    with pytest.raises(ConfigError, match="trained with steps=9 but this run has steps=18"):
+        longer.load_state_dict(saved.state_dict())
+    same = CosineSchedule(toy()[1], warmup_steps=2, total_steps=9)
+    same.load_state_dict(saved.state_dict())
+    assert same.step_index == 5
 
 
 def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
@@ -219,17 +225,11 @@ def test_fit_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
         schedule = CosineSchedule(optimizer, warmup_steps=2, total_steps=9)
         stream, guard = stream_of(4), NonFiniteGuard()
         manager = CheckpointManager(directory, ENV, keep_last=2)
-        start = 0
-        if manager.latest() is not None:
-            start, _ = restore(
-                manager,
-                manager.latest(),
-                model=model,
-                optimizer=optimizer,
-                schedule=schedule,
-                stream=stream,
-                guard=guard,
-            )
+        checkpointer = Checkpointer(
+            manager, model=model, optimizer=optimizer,
+            states={"scheduler": schedule, "guard": guard, "data": stream},
+        )
+        start = checkpointer.resume("latest")
 
         def loss_fn(batch, info):
             noise = torch.randn(())  # global RNG in the step: restored on resume
@@ -245,7 +245,7 @@ def test_fit_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
             guard=guard,
             settings=LoopSettings(steps=steps, checkpoint_every=3),
             env=ENV,
-            checkpoints=manager,
+            checkpointer=checkpointer,
             start_step=start,
         )
         return model.weight.detach().clone(), start

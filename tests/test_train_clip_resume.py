@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 ARGS = [
     "recipe=delta", "model=dvd-tiny-vit", "batch_size=12", "attack_steps=2", "warmup_steps=2",
     "progress=false", "shuffle_buffer=16", "log_every=2", "keep_last=2",
-]  # fmt: skip
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -78,7 +78,7 @@ def torchrun(world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "dvd.train.clip", f"data={world}", f"output_dir={out}", "device=cpu", *ARGS, *extra,
-    ]  # fmt: skip
+    ]
     process = subprocess.Popen(
         command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

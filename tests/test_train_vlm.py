@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 
 from dvd.cli import main as dvd_main
 from dvd.config import ConfigError, load_config
-from dvd.models.vlm import DvdVLM, load_vlm
+from dvd.models.vlm import DvdVLM
+from dvd.models.vlm_io import load_vlm
 from dvd.train.attack import AttackSettings
 from dvd.train.loop import StepInfo
-from dvd.train.vlm import VlmTrainConfig, check_config, train_vlm
+from dvd.train.vlm import train_vlm
+from dvd.train.vlm_config import VlmTrainConfig, check_config
 from dvd.train.vlm_data import build_conversations, resolve_source
 from dvd.train.vlm_model import build_vlm, optimizer_groups
 from dvd.train.vlm_step import InstructionLoss, InstructionStep
@@ -32,14 +34,6 @@ TINY_LM = (
 EPS = 4 / 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dvd.data.shapesworld import generate
@@ -54,7 +48,7 @@ def tiny_args(world: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data={world / 'sw'}", f"output_dir={out}", f"vision={world / 'tiny_vit.json'}", TINY_LM,
         "template=vicuna_v1_short", "batch_size=8", "progress=false", "log_every=1", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def tiny_config(world: Path, out: Path, *extra: str) -> VlmTrainConfig:
@@ -117,7 +111,7 @@ def adversarial_setup(world: Path, tmp_path: Path, *extra: str):
 
 
 def _env():
-    from dvd.train.loop import DistEnv
+    from dvd.train.distributed import DistEnv
 
     return DistEnv()
 
@@ -166,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_attack_and_gradients(world, tmp_p
 
 def test_lora_trains_adapters_with_per_part_learning_rates_and_saves_a_merged_model(world, tmp_path):
     cfg = tiny_config(world, tmp_path, "lora=true", "lora_r=4", "lora_alpha=8", "train_vision=true",
-                      "lr=2e-4", "projector_lr=2e-5", "vision_lr=1e-6")  # fmt: skip
+                      "lr=2e-4", "projector_lr=2e-5", "vision_lr=1e-6")
     vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2))
     trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
     in_lm = [n for n in trainable if n.startswith("lm.")]
@@ -184,6 +178,21 @@ def test_lora_trains_adapters_with_per_part_learning_rates_and_saves_a_merged_mo
     assert not any("lora" in k for k in model.lm.state_dict())
 
 
+def test_a_karpathy_split_file_gives_its_training_captions_as_stage1_samples(world, tmp_path):
+    root = world / "sw"
+    karpathy = root / "captions" / "karpathy_split.json"
+    source = resolve_source(str(karpathy), "auto", str(root / "images"), 1)
+    assert source.kind == "karpathy"
+    cfg = tiny_config(world, tmp_path, "stage=1")
+    vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 1))
+    data = build_conversations(source, image_size=32, collator=vlm.collator(template="plain"),
+                               caption_prompt="Describe the image briefly.")
+    train = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] in ("train", "restval")]
+    assert len(data) == sum(len(e["sentences"]) for e in train)
+    assert data[0]["conversations"][1]["value"] == train[0]["sentences"][0]["raw"]
+    assert data[0]["image"].shape == (3, 32, 32) and data.skipped == 0
+
+
 def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_are_skipped(world, tmp_path):
     root = world / "sw"
     source = resolve_source(str(root / "captions" / "annotations.json"), "auto", str(root / "images"), 1)
@@ -191,7 +200,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
     cfg = tiny_config(world, tmp_path, "stage=1")
     vlm = build_vlm(cfg, resolve_source(cfg.data, cfg.data_format, cfg.image_root, 1))
     data = build_conversations(source, image_size=32, collator=vlm.collator(template="plain"),
-                               caption_prompt="Describe the image briefly.")  # fmt: skip
+                               caption_prompt="Describe the image briefly.")
     captions = json.loads((root / "captions" / "annotations.json").read_text())["annotations"]
     assert len(data) == len(captions)
     first = data[0]
@@ -210,6 +219,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
         llava, image_size=32, collator=vlm.collator(template="plain"), caption_prompt=""
     )
     assert len(list(data)) == len(data) - 1 and data.skipped == 1
+    assert len(list(data)) == len(data) - 1 and data.skipped == 1  # a second epoch counts it once
 
 
 @pytest.mark.parametrize(
@@ -220,6 +230,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
         (["data_format=lava"], "did you mean 'llava'"),
         (["init=/nonexistent/run"], "run stage 1 first"),
         (["data=/nonexistent/world"], "no such data file"),
+        (["weight_decay=-1"], "weight_decay must be a number >= 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_fix(args, message, world, tmp_path, capsys):
@@ -292,7 +303,7 @@ def tiny_hf_llava_folder(world: Path, folder: Path) -> Path:
     text = LlamaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, num_key_value_heads=2, max_position_embeddings=256, **layers,
-    )  # fmt: skip
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

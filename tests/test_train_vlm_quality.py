@@ -18,8 +18,9 @@ from dvd.data.transforms import image_transform
 from dvd.data.vqa import VQAv2
 from dvd.eval.captioning import cider
 from dvd.eval.vqa import vqa_accuracy
-from dvd.models.vlm import load_vlm
-from dvd.train.vlm import VlmTrainConfig, train_vlm
+from dvd.models.vlm_io import load_vlm
+from dvd.train.vlm import train_vlm
+from dvd.train.vlm_config import VlmTrainConfig
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 VIT = {
@@ -33,21 +34,13 @@ LM = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def evaluate(model, root: Path) -> dict[str, float]:
     """CIDEr of greedy captions (Karpathy test split) and VQA accuracy, all on held-out images."""
     transform = image_transform(model.image_size)
     captions = CocoCaptions(
         root / "captions" / "annotations.json", root / "images", transform=transform,
         karpathy_json=root / "captions" / "karpathy_split.json", split="test",
-    )  # fmt: skip
+    )
     items = [captions[i] for i in range(len(captions))]
     generated = model.generate(
         torch.stack([it["image"] for it in items]), "Describe the image.", max_new_tokens=20
@@ -84,13 +77,13 @@ def test_tiny_vlm_trained_in_two_stages_answers_held_out_colour_questions_mostly
     common = [
         f"data={root}", f"vision={tmp_path / 'vit.json'}", LM, "template=vicuna_v1_short", "batch_size=16",
         "progress=false", "checkpoint_every=100000", "log_every=50", "seed=0",
-    ]  # fmt: skip
+    ]
     stage1 = [f"output_dir={tmp_path / 's1'}", "stage=1", "steps=100", "lr=1e-3"]
     train_vlm(load_config(VlmTrainConfig, None, common + stage1))
     stage2 = [
         f"output_dir={tmp_path / 's2'}", "stage=2", f"init={tmp_path / 's1'}", "steps=800", "lr=1e-3",
         "train_vision=true", "vision_lr=1e-3", "projector_lr=1e-3", "warmup_steps=20",
-    ]  # fmt: skip
+    ]
     train_vlm(load_config(VlmTrainConfig, None, common + stage2))
 
     scores = evaluate(load_vlm(tmp_path / "s2" / "final"), root)

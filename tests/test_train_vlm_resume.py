@@ -29,7 +29,7 @@ ARGS = [
     "warmup_steps=1", "log_every=2", "keep_last=2", "progress=false", "device=cpu",
     "lm={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
     "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 128}",
-]  # fmt: skip
+]
 MODULE = "dvd.train.vlm"
 
 
@@ -90,7 +90,7 @@ def test_two_process_torchrun_adversarial_stage2_trains_checkpoints_and_resumes(
     logged = json.loads((tmp_path / "summary.json").read_text())["last"]
     assert logged["train/attack/loss_gain"] > 0 and logged["train/images_per_s"] > 0
 
-    from dvd.models.vlm import load_vlm
+    from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(tmp_path / "final")
     assert not hasattr(model.lm, "peft_config")

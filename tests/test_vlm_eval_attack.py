@@ -11,7 +11,7 @@ from dvd.eval import vlm_attack as va
 from dvd.eval.captioning import CiderScorer, caption_scores, cider_per_image
 from dvd.eval.targeted import canonical_target, target_outcome
 from dvd.eval.vqa import ranked_answers
-from test_vlm_interface import IMAGE_SIZE, tiny_dvd_vlm
+from tiny_models import IMAGE_SIZE, tiny_dvd_vlm
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,11 @@ from dvd.eval import vlm_attack as va
 from dvd.eval.captioning import cli as caption_cli
 from dvd.eval.captioning import instruct_caption_prompt
 from dvd.eval.results import ROW_KEYS, read_rows
-from dvd.models.vlm import build_tokenizer, create_vlm, save_vlm
+from dvd.models.vlm import build_tokenizer, create_vlm
 from dvd.models.vlm_hf import HFLlava
+from dvd.models.vlm_io import save_vlm
 from dvd.models.vlm_tokenizer import texts_from_files
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 FAST = ["--limit", "4", "--batch-size", "2", "--steps", "2", "--max-new-tokens", "6", "--no-progress"]
 

@@ -14,7 +14,7 @@ from dvd.data.transforms import image_transform
 from dvd.eval.captioning import evaluate_captioning
 from dvd.models.vlm import build_tokenizer, create_vlm
 from dvd.models.vlm_tokenizer import texts_from_files
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 PROMPT = "Describe the image briefly."  # one of the stage-1 prompts the model is trained with
 

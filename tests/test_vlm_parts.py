@@ -19,14 +19,13 @@ from dvd.models.vlm import (
     MLPProjector,
     VisionTower,
     create_vlm,
-    load_vlm,
     make_conversation,
-    save_vlm,
 )
 from dvd.models.vlm_conversation import VICUNA_SYSTEM, get_template
 from dvd.models.vlm_hf import HFLlava, llava_with_open_clip_tower, load_hf_llava
+from dvd.models.vlm_io import load_vlm, save_vlm
 from dvd.models.vlm_tokenizer import build_tokenizer, ensure_image_token, texts_from_files
-from test_vlm_interface import (
+from tiny_models import (
     IMAGE_SIZE,
     PROMPTS,
     TINY_LLAMA,
@@ -38,14 +37,6 @@ from test_vlm_interface import (
     tiny_tokenizer,
     tiny_tower,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- tokenizer -------------------------------------------------------------------------------------

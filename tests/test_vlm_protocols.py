@@ -21,9 +21,10 @@ from dvd.eval import captioning, targeted, vqa
 from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow, read_rows
 from dvd.eval.targeted import target_outcome
-from dvd.models.vlm import build_tokenizer, create_vlm, save_vlm
+from dvd.models.vlm import build_tokenizer, create_vlm
+from dvd.models.vlm_io import save_vlm
 from dvd.models.vlm_tokenizer import texts_from_files
-from test_vlm_interface import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 
 @pytest.fixture(autouse=True, scope="module")

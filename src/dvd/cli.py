@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("dvd: interrupted; rerun the same command to continue", file=sys.stderr)
                 return 130
+    group = {words: entry for words, entry in commands.items() if len(words) > 1 and words[0] == argv[0]}
+    if group and (len(argv) == 1 or argv[1] in ("-h", "--help", "help")):  # e.g. dvd eval --help
+        text = usage(group).replace("<command>", f"{argv[0]} <command>", 1)
+        print(text, file=sys.stdout if argv[1:] else sys.stderr)
+        return 0 if argv[1:] else 2
     given = " ".join(argv[:2])
     names = [" ".join(w) for w in commands]
     print(f"dvd: error: unknown command {given!r}{suggest(given, names)}", file=sys.stderr)

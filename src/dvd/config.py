@@ -22,13 +22,19 @@ class ConfigError(ValueError):
     """A user-facing configuration error; its message is one line naming the problem and the fix."""
 
 
+SHORT_LIST = 12  # longer lists of valid names are not printed in full, only their closest few
+
+
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
-    """' (did you mean X?)' for the closest of ``choices``, or the list of valid names."""
+    """' (did you mean X?)' for the closest of ``choices``; else the valid names (the closest few of many)."""
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     if close:
         return f" (did you mean {', '.join(repr(c) for c in close)}?)"
-    return f" (choose from {', '.join(choices)})"
+    if len(choices) <= SHORT_LIST:
+        return f" (choose from {', '.join(choices)})"
+    nearest = difflib.get_close_matches(name, choices, n=3, cutoff=0.0)
+    return f" (closest of {len(choices)}: {', '.join(nearest)})"
 
 
 def parse_eps(value: str | float | int, unit: float | None = None) -> float:
@@ -116,6 +122,51 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
     return _yaml_value(text, key)
 
 
+_KINDS = {bool: "true or false", int: "an int", float: "a number", str: "a string", list: "a list",
+          tuple: "a list", dict: "a mapping"}
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """A YAML value of any type checked against the field's type: the override errors, one line each.
+
+    Strings go through the override parser (YAML reads `lr: 5e-6` and `eps: 4/255` as strings);
+    numbers are accepted where a string is expected, as an override's text would be.
+    """
+    if isinstance(value, str):
+        return _coerce(value, annotation, key)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, inner, key)
+            except ConfigError:
+                continue
+        inner = [a for a in args if a is not type(None)]
+        kinds = " or ".join(_KINDS.get(typing.get_origin(a) or a, str(a)) for a in inner)
+        raise ConfigError(f"{key}={value!r}: expected {kinds}")
+    if annotation is Any:
+        return value
+    kind = origin or annotation
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    if kind is str and number:
+        return str(value)
+    if kind in (list, tuple) and isinstance(value, list):
+        item = args[0] if args else Any
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is dict and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_KINDS.get(kind, str(kind))}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Build dataclass ``cls`` from an optional YAML file, then ``key=value`` overrides.
 
@@ -139,8 +190,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     for key, value in values.items():
         if key not in names:
             raise ConfigError(f"unknown config key {key!r} in {path}{suggest(key, names)}")
-        if isinstance(value, str):  # YAML reads `lr: 5e-6` and `eps: 4/255` as strings
-            values[key] = _coerce(value, hints[key], key)
+        values[key] = _check_value(value, hints[key], key)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value, e.g. steps=100")

@@ -6,7 +6,7 @@ Stages (each one a call of a ``dvd`` command's ``cli`` with a config written to 
 2. Clean CLIP and ΔCLIP from scratch; TeCoA and FARE fine-tuned from the clean CLIP (``dvd train clip``).
 3. Zero-shot classification on every ShapesWorld task and image-text retrieval, clean and under APGD at
    every budget, the same attack for every model (``dvd eval zeroshot`` / ``retrieval``).
-4. When ``dvd train vlm`` is installed: clean LLaVA on the clean CLIP and Δ²LLaVA on ΔCLIP (adversarial
+4. Unless ``--no-vlm``: clean LLaVA on the clean CLIP and Δ²LLaVA on ΔCLIP (adversarial
    instruction tuning in both stages), evaluated with ``dvd eval caption | vqa | pope | targeted``.
 5. ``OUT/report.md`` + PNG plots + ``OUT/results.json`` (:mod:`dvd.demo_report`).
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import fcntl
 import importlib
 import io
 import json
 import os
-import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,256 +33,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from dvd.config import ConfigError, suggest
+from dvd.config import ConfigError
+from dvd.data import shapesworld
+from dvd.demo_preset import (
+    CLIP_MODELS,
+    TARGET_CAPTION,
+    VISION_TOWER,
+    VLM_EVALS,
+    VLM_MODELS,
+    DemoLayout,
+    DemoPreset,
+    ReportInputs,
+    load_preset,
+)
+from dvd.demo_report import write_report
+from dvd.eval import retrieval, zeroshot
+from dvd.eval.results import read_rows
 from dvd.io import read_json, write_json
-
-CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
-VLM_MODELS = ("clean-llava", "delta2-llava")
-VISION_TOWER = {"clean-llava": "clean-clip", "delta2-llava": "delta-clip"}  # the CLIP each VLM is built on
-# the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
-TARGET_CAPTION = "an image of four pink hearts."
-
-
-@dataclass(frozen=True)
-class DemoPreset:
-    """Everything the demo's stages take; ``quick`` is calibrated to show the paper's effect in minutes."""
-
-    name: str
-    seed: int = 0
-    # ShapesWorld
-    world_size: int = 10000
-    image_size: int = 32
-    eval_size: int = 200
-    instruct_size: int = 1000
-    # CLIP training: settings shared by the four recipes, then per recipe (dvd train clip keys)
-    clip_common: dict[str, Any] = field(default_factory=dict)
-    # an open_clip model config of the demo's own (written to OUT/configs/<clip_model_name>.json), or None
-    # to use ``clip_common["model"]`` as it is
-    clip_model_config: dict[str, Any] | None = None
-    clip_model_name: str = "dvd-demo-vit"
-    clip_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # evaluation: the same attack for every model
-    eps: tuple[str, ...] = ("2/255", "4/255")
-    zeroshot_attack: str = "apgd-ce"
-    zeroshot_steps: int = 100
-    zeroshot_limit: int = 100
-    retrieval_steps: int = 100
-    retrieval_limit: int = 100
-    # VLM (dvd train vlm keys), per stage; evaluation sizes
-    vlm_common: dict[str, Any] = field(default_factory=dict)
-    vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    vlm_eval_limit: int = 20
-    vlm_eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
-    vlm_references: int = 5  # reference captions / answers each caption / VQA attack is run against
-    vlm_eval_steps: int = 20
-    targeted_limit: int = 5
-    targeted_steps: int = 100
-    example_steps: int = 100  # APGD steps of the report's example grid
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What the stages' outputs depend on (a folder made with other settings is not reused)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
-
-
-_CLIP_COMMON = {
-    "model": "dvd-tiny-vit",
-    "batch_size": 64,
-    "weight_decay": 0.1,
-    "shuffle_buffer": 2000,
-    "log_every": 20,
-    "eval_every": 0,
-    "progress": False,
-    "augment": False,  # 32 px: a random resized crop blurs the shapes and can cut objects (count) off
-}
-_VLM_COMMON = {
-    "tokenizer": "shapesworld",
-    "template": "vicuna_v1_short",
-    "batch_size": 16,
-    "max_length": 256,
-    "log_every": 20,
-    "progress": False,
-}
-# the paper's stage 2: vision tower unfrozen at 1/200 of the LM's lr (1e-6 vs 2e-4)
-_VLM_STAGE2 = {"train_vision": True, "vision_lr": 5e-6, "projector_lr": 1e-3, "warmup_steps": 20}
-
-
-def _finetune(recipe: str, steps: int, attack_steps: int, step_size: str, **extra: Any) -> dict[str, Any]:
-    """TeCoA / FARE from the clean CLIP: RobustVLM's recipe shape (AdamW, small lr, PGD at eps 4/255)."""
-    return {"recipe": recipe, "steps": steps, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 1e-4,
-            "eps": "4/255", "attack_steps": attack_steps, "attack_step_size": step_size,
-            "checkpoint_every": 50, **extra}  # fmt: skip
-
-
-PRESETS: dict[str, DemoPreset] = {
-    # calibrated on a 2-core CPU (benchmarks/README.md, "ΔCLIP vs clean CLIP, TeCoA, FARE on ShapesWorld"):
-    # 32 px, 2-layer towers, 1200 steps of batch 64 at lr 2e-3 without crops; ΔCLIP with PGD-1 (step 1.25 eps)
-    "quick": DemoPreset(
-        name="quick",
-        world_size=20000,
-        eval_size=200,
-        instruct_size=2000,
-        clip_common=_CLIP_COMMON,
-        clip_recipes={
-            "clean-clip": {
-                "recipe": "clean",
-                "steps": 1200,
-                "lr": 2e-3,
-                "warmup_steps": 30,
-                "checkpoint_every": 300,
-            },
-            "delta-clip": {
-                "recipe": "delta",
-                "steps": 1200,
-                "lr": 2e-3,
-                "warmup_steps": 30,
-                "eps": "4/255",
-                "attack_steps": 1,
-                "eps_warmup_steps": 60,
-                "checkpoint_every": 300,
-            },
-            "tecoa": _finetune("tecoa", 150, 3, "2/255", task="shape"),
-            "fare": _finetune("fare", 150, 3, "2/255"),
-        },  # fmt: skip
-        eps=("2/255", "4/255"),
-        zeroshot_limit=100,
-        retrieval_steps=100,
-        retrieval_limit=50,
-        vlm_common=_VLM_COMMON,
-        vlm_stages={
-            "stage1": {
-                "stage": 1,
-                "steps": 100,
-                "lr": 1e-3,
-                "checkpoint_every": 50,
-                "attack_steps": 2,
-                "attack_step_size": "3/255",
-            },
-            "stage2": {
-                "stage": 2,
-                "steps": 400,
-                "lr": 1e-3,
-                "checkpoint_every": 100,
-                "attack_steps": 2,
-                "attack_step_size": "3/255",
-                **_VLM_STAGE2,
-            },
-        },  # fmt: skip
-        vlm_eval_limit=50,
-        vlm_eval_steps=40,
-        vlm_eps=("4/255",),
-        vlm_references=2,
-        targeted_limit=5,
-        targeted_steps=100,
-    ),
-    "full": DemoPreset(
-        name="full",
-        world_size=20000,
-        eval_size=300,
-        instruct_size=2000,
-        clip_common=_CLIP_COMMON,
-        clip_recipes={
-            "clean-clip": {
-                "recipe": "clean",
-                "steps": 1500,
-                "lr": 2e-3,
-                "warmup_steps": 50,
-                "checkpoint_every": 250,
-            },
-            "delta-clip": {
-                "recipe": "delta",
-                "steps": 1500,
-                "lr": 2e-3,
-                "warmup_steps": 50,
-                "eps": "4/255",
-                "attack_steps": 2,
-                "eps_warmup_steps": 150,
-                "checkpoint_every": 250,
-            },
-            "tecoa": _finetune("tecoa", 300, 10, "1/255", task="shape"),
-            "fare": _finetune("fare", 300, 10, "1/255"),
-        },  # fmt: skip
-        eps=("1/255", "2/255", "4/255", "8/255"),
-        zeroshot_limit=200,
-        retrieval_limit=200,
-        vlm_common=_VLM_COMMON,
-        vlm_stages={
-            "stage1": {
-                "stage": 1,
-                "steps": 200,
-                "lr": 1e-3,
-                "checkpoint_every": 100,
-                "attack_steps": 3,
-                "attack_step_size": "3/255",
-            },
-            "stage2": {
-                "stage": 2,
-                "steps": 800,
-                "lr": 1e-3,
-                "checkpoint_every": 200,
-                "attack_steps": 3,
-                "attack_step_size": "3/255",
-                **_VLM_STAGE2,
-            },
-        },  # fmt: skip
-        vlm_eval_limit=100,
-        vlm_eval_steps=100,
-        vlm_references=5,
-        targeted_limit=10,
-        targeted_steps=300,
-    ),
-    # a few steps and samples of everything: the tests run the real stages with it
-    "test": DemoPreset(
-        name="test",
-        world_size=64,
-        eval_size=8,
-        instruct_size=16,
-        clip_common={**_CLIP_COMMON, "batch_size": 8, "shuffle_buffer": 16, "log_every": 1},
-        clip_recipes={
-            "clean-clip": {"recipe": "clean", "steps": 2, "warmup_steps": 1, "checkpoint_every": 1},
-            "delta-clip": {
-                "recipe": "delta",
-                "steps": 2,
-                "warmup_steps": 1,
-                "attack_steps": 1,
-                "checkpoint_every": 1,
-            },
-            "tecoa": {
-                "recipe": "tecoa",
-                "steps": 1,
-                "warmup_steps": 0,
-                "attack_steps": 1,
-                "checkpoint_every": 1,
-            },
-            "fare": {
-                "recipe": "fare",
-                "steps": 1,
-                "warmup_steps": 0,
-                "attack_steps": 1,
-                "checkpoint_every": 1,
-            },
-        },  # fmt: skip
-        eps=("4/255",),
-        zeroshot_steps=2,
-        zeroshot_limit=4,
-        retrieval_steps=2,
-        retrieval_limit=4,
-        vlm_common={**_VLM_COMMON, "batch_size": 4, "log_every": 1},
-        vlm_stages={
-            "stage1": {"stage": 1, "steps": 1, "checkpoint_every": 1},
-            "stage2": {"stage": 2, "steps": 1, "checkpoint_every": 1, "attack_steps": 1},
-        },
-        vlm_eval_limit=2,
-        vlm_eval_steps=1,
-        vlm_references=1,
-        targeted_limit=1,
-        targeted_steps=1,
-        example_steps=2,
-    ),
-}
-PUBLIC_PRESETS = ("quick", "full")
-
+from dvd.train import clip as train_clip
+from dvd.train import vlm as train_vlm
 
 # ---------------------------------------------------------------------------------------------
 # stages
@@ -316,8 +88,6 @@ class Ledger:
 
     def record(self, name: str, **info: Any) -> None:
         """Update one stage's entry; safe when the demo's parallel lanes record at the same time."""
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -347,18 +117,19 @@ class Demo:
         self.preset = preset
         self.device = device
         self.log = log if log is not None else sys.stderr
-        self.world = self.out / "world"
+        self.layout = DemoLayout(self.out)
+        self.world = self.layout.world
         self.ledger = Ledger.load(self.out / "stages.json")
 
     # -- paths ---------------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
-        return self.out / "models" / name
+        return self.layout.model_dir(name)
 
     def final(self, name: str) -> Path:
-        return self.model_dir(name) / "final"
+        return self.layout.final(name)
 
     def results_file(self, task: str, model: str) -> Path:
-        return self.out / "results" / f"{task}-{model}.json"
+        return self.layout.results_file(task, model)
 
     # -- the plan --------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -369,19 +140,20 @@ class Demo:
                 Stage(f"train {name}", self._train_clip_fn(name), self._final_exists(name), needs=needs)
             )
         for name in CLIP_MODELS:
-            for task, run in (("zeroshot", self._zeroshot_fn(name)), ("retrieval", self._retrieval_fn(name))):
+            for task in ("zeroshot", "retrieval"):
+                run = self._clip_eval_fn(task, name)
                 stages.append(
                     Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
                 )
-        if self.include_vlm and vlm_available():
+        if self.include_vlm:
             for name, vision in VISION_TOWER.items():
                 for stage, needs in (("stage1", f"train {vision}"), ("stage2", f"train {name} stage1")):
                     stages.append(
                         Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
                               self._final_exists(f"{name}-{stage}"), "vlm", (needs,))
-                    )  # fmt: skip
+                    )
             for name in VLM_MODELS:
-                for task in available_vlm_evals():
+                for task in VLM_EVALS:
                     run, done = self._vlm_eval_fn(task, name), self._evaluated(task, name)
                     stages.append(Stage(f"{task} {name}", run, done, "vlm", (f"train {name} stage2",)))
         return stages
@@ -421,10 +193,10 @@ class Demo:
             return {}
         self.ledger = Ledger.load(self.ledger.path)  # the lanes recorded their stages
         results = self.collect_results()
-        from dvd.demo_report import write_report
-
         tick = time.perf_counter()
-        report_path = write_report(self, results)
+        inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm,
+                              lanes=self.lanes())
+        report_path = write_report(inputs, results)
         self.ledger.record(
             "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=_now()
         )
@@ -432,10 +204,8 @@ class Demo:
         return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
 
     def _run_lanes(self) -> None:
-        import subprocess
-
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
-                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]  # fmt: skip
+                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
@@ -496,13 +266,11 @@ class Demo:
             seconds = round(time.perf_counter() - tick, 1)
             cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
             self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
-                               load=_load(), finished=_now())  # fmt: skip
+                               load=_load_average(), finished=_now())
             self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
 
     def collect_results(self) -> Path:
-        """Merge every stage's result rows into ``OUT/results.json`` (the rows of DESIGN.md)."""
-        from dvd.eval.results import read_rows
-
+        """Merge every stage's result rows into ``OUT/results.json``."""
         rows = []
         for path in sorted((self.out / "results").glob("*.json")):
             rows += [r.to_dict() for r in read_rows(path)]
@@ -528,19 +296,12 @@ class Demo:
 
     # -- stage bodies -------------------------------------------------------------------------------
     def _world(self) -> None:
-        from dvd.data import shapesworld
-
-        partial = self.out / "world.partial"  # an interrupted generation is started again from scratch
-        if partial.exists():
-            shutil.rmtree(partial)
+        # the generator writes into a temporary folder and renames it: an interrupted one starts afresh
         p = self.preset
-        argv = ["--out", str(partial), "--seed", str(p.seed), "--size", str(p.world_size),
+        argv = ["--out", str(self.world), "--seed", str(p.seed), "--size", str(p.world_size),
                 "--image-size", str(p.image_size), "--eval-size", str(p.eval_size),
-                "--instruct-size", str(p.instruct_size)]  # fmt: skip
+                "--instruct-size", str(p.instruct_size)]
         _check(shapesworld.cli(argv), "dvd data shapesworld")
-        if self.world.exists():
-            shutil.rmtree(self.world)
-        partial.rename(self.world)
 
     def clip_config(self, name: str) -> dict[str, Any]:
         """The ``dvd train clip`` config of one of the demo's CLIPs."""
@@ -548,7 +309,7 @@ class Demo:
         if self.preset.clip_model_config is not None:
             cfg["model"] = str(self.model_config_file())
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(name)), seed=self.preset.seed,
-                   device=self.device, resume="latest")  # fmt: skip
+                   device=self.device, resume="latest")
         if cfg["recipe"] in ("tecoa", "fare"):
             cfg["pretrained"] = str(self.final("clean-clip"))
         return cfg
@@ -562,43 +323,29 @@ class Demo:
 
     def _train_clip_fn(self, name: str) -> Callable[[], None]:
         def run() -> None:
-            from dvd.train import clip
-
             config = self._write_config(name, self.clip_config(name))
-            _check(clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
+            _check(train_clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
 
         return run
 
     def _eps(self) -> str:
         return ",".join(self.preset.eps)
 
-    def _zeroshot_fn(self, name: str) -> Callable[[], None]:
+    def _clip_eval_fn(self, task: str, name: str) -> Callable[[], None]:
+        """``dvd eval zeroshot | retrieval`` of one CLIP, the same attack for every model."""
+        p = self.preset
+        module, steps, limit, extra = {
+            "zeroshot": (zeroshot, p.zeroshot_steps, p.zeroshot_limit, ["--attack", p.zeroshot_attack]),
+            "retrieval": (retrieval, p.retrieval_steps, p.retrieval_limit, ["--split", "test"]),
+        }[task]
+
         def run() -> None:
-            from dvd.eval import zeroshot
-
-            p = self.preset
             argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
-                    "--eps", self._eps(), "--attack", p.zeroshot_attack, "--steps", str(p.zeroshot_steps),
-                    "--limit", str(p.zeroshot_limit), "--batch-size", "100", "--seed", str(p.seed),
-                    "--device", self.device, "--out", str(self.results_file("zeroshot", name)),
-                    "--no-progress"]  # fmt: skip
+                    "--eps", self._eps(), *extra, "--steps", str(steps), "--limit", str(limit),
+                    "--batch-size", "100", "--seed", str(p.seed), "--device", self.device,
+                    "--out", str(self.results_file(task, name)), "--no-progress"]
             with _quiet_stdout():
-                _check(zeroshot.cli(argv), f"dvd eval zeroshot ({name})")
-
-        return run
-
-    def _retrieval_fn(self, name: str) -> Callable[[], None]:
-        def run() -> None:
-            from dvd.eval import retrieval
-
-            p = self.preset
-            argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
-                    "--split", "test", "--eps", self._eps(), "--steps", str(p.retrieval_steps),
-                    "--limit", str(p.retrieval_limit), "--batch-size", "100", "--seed", str(p.seed),
-                    "--device", self.device, "--out", str(self.results_file("retrieval", name)),
-                    "--no-progress"]  # fmt: skip
-            with _quiet_stdout():
-                _check(retrieval.cli(argv), f"dvd eval retrieval ({name})")
+                _check(module.cli(argv), f"dvd eval {task} ({name})")
 
         return run
 
@@ -607,7 +354,7 @@ class Demo:
         cfg = {**self.preset.vlm_common, **self.preset.vlm_stages[stage]}
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
                    seed=self.preset.seed, device=self.device, resume="latest",
-                   adversarial=name == "delta2-llava")  # fmt: skip
+                   adversarial=name == "delta2-llava")
         if stage == "stage1":
             cfg["vision"] = str(self.final(vision))
         else:
@@ -619,9 +366,8 @@ class Demo:
 
     def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:
         def run() -> None:
-            vlm = importlib.import_module("dvd.train.vlm")
             config = self._write_config(f"{name}-{stage}", self.vlm_config(name, vision, stage))
-            _check(vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
+            _check(train_vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
 
         return run
 
@@ -630,16 +376,16 @@ class Demo:
         p = self.preset
         argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
-                "--no-progress"]  # fmt: skip
+                "--no-progress"]
         if task in ("caption", "vqa"):
             argv += ["--eps", ",".join(p.vlm_eps or p.eps), "--steps", str(p.vlm_eval_steps),
                      "--limit", str(p.vlm_eval_limit),
-                     "--references", str(p.vlm_references)]  # fmt: skip
+                     "--references", str(p.vlm_references)]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval_limit)]
         elif task == "targeted":
             argv += ["--eps", "4/255", "--steps", str(p.targeted_steps), "--limit", str(p.targeted_limit),
-                     "--target", TARGET_CAPTION]  # fmt: skip
+                     "--target", TARGET_CAPTION]
         return argv
 
     def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:
@@ -660,42 +406,12 @@ class Demo:
         return path
 
 
-VLM_EVALS = {
-    "caption": "dvd.eval.captioning",
-    "vqa": "dvd.eval.vqa",
-    "pope": "dvd.eval.pope",
-    "targeted": "dvd.eval.targeted",
-}
-
-
-def vlm_available() -> bool:
-    """Whether ``dvd train vlm`` is installed (the VLM half of the demo runs only then)."""
-    try:
-        module = importlib.import_module("dvd.train.vlm")
-    except ImportError:
-        return False
-    return callable(getattr(module, "cli", None))
-
-
-def available_vlm_evals() -> list[str]:
-    """The VLM evaluation commands that are installed, in the report's order."""
-    found = []
-    for task, module_name in VLM_EVALS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if callable(getattr(module, "cli", None)):
-            found.append(task)
-    return found
-
-
 def _check(code: int, what: str) -> None:
     if code != 0:
         raise RuntimeError(f"{what} exited with status {code}; see the messages above")
 
 
-def _load() -> float | None:
+def _load_average() -> float | None:
     """The 1-minute load average when the stage ended (how shared the machine was), where known."""
     try:
         return round(os.getloadavg()[0], 2)
@@ -715,9 +431,8 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when a GPU is visible, else cpu; other names unchanged."""
     if device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
@@ -746,19 +461,16 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", action="append", default=[], help="run only stages starting with this")
     args = parser.parse_args(list(argv))
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}{suggest(args.preset, PUBLIC_PRESETS)}")
+    preset = load_preset(args.preset)
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    import torch
-
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     demo = Demo(
         args.out,
-        PRESETS[args.preset],
+        preset,
         device=resolve_device(args.device),
         vlm=not args.no_vlm,
         threads=args.threads,

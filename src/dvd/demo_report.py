@@ -1,36 +1,31 @@
 """The demo's ``report.md``: set-up, headline numbers against the paper's claims, tables, plots, examples.
 
-Reads only the demo folder: ``results.json`` (DESIGN.md's rows), ``stages.json`` (time per stage),
-``demo.json`` (the preset) and the trained models (for the example grid, which attacks a few test
-images of ShapesWorld itself).
+Reads only the demo folder: ``results.json`` (the rows of :mod:`dvd.eval.results`), ``stages.json``
+(time per stage), ``demo.json`` (the preset) and the trained models (for the example grids, which
+attack a few test images of ShapesWorld itself).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dvd.config import parse_eps
+from dvd.demo_examples import example_grid, vlm_example_grid
+from dvd.demo_figures import HEADLINE_EPS, plot_results
+from dvd.demo_preset import VISION_TOWER, VLM_EVALS, ReportInputs
 from dvd.eval.report import (
     average_rows,
-    eps_label,
     markdown_table,
-    plot_clean_vs_robust,
-    plot_metric_vs_eps,
 )
 from dvd.io import atomic_write, read_json
 
-if TYPE_CHECKING:
-    from dvd.demo import Demo
-
 Row = dict[str, Any]
-HEADLINE_EPS = 4 / 255
 # the report's VLM tables keep to these (results.json has every metric)
 SHOWN_METRICS = {"pope": ("f1", "yes_ratio"), "targeted": ("success_rate",)}
-TASK_ORDER = ("color", "shape", "count", "size", "texture")
 CLIP_LABELS = {
     "clean-clip": "clean CLIP (from scratch)",
     "delta-clip": "ΔCLIP (adversarial pre-training from scratch)",
@@ -52,61 +47,30 @@ def headline(
     return out
 
 
-def write_report(demo: Demo, results: str | Path) -> Path:
+def write_report(inputs: ReportInputs, results: str | Path) -> Path:
     """Write ``OUT/report.md`` and its PNGs from the demo folder; returns the report's path."""
-    out = demo.out
+    out = inputs.out
     rows: list[Row] = read_json(results)
     stages = read_json(out / "stages.json") if (out / "stages.json").is_file() else {}
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plots = _plots(rows, figures)
+    plots = plot_results(rows, figures)
     examples = None
     try:
-        examples = example_grid(demo, figures / "examples.png", steps=demo.preset.example_steps)
+        examples = example_grid(inputs, figures / "examples.png", steps=inputs.preset.example_steps)
     except FileNotFoundError:
         examples = None  # models not trained (a partial demo): the report says so
     vlm_examples = None
     try:
-        vlm_examples = vlm_example_grid(demo, figures / "examples_vlm.png", steps=demo.preset.example_steps)
+        vlm_examples = vlm_example_grid(
+            inputs, figures / "examples_vlm.png", steps=inputs.preset.example_steps
+        )
     except FileNotFoundError:
         vlm_examples = None  # the VLM half was not run
-    text = render_markdown(demo, rows, stages, plots, examples, vlm_examples)
+    text = render_markdown(inputs, rows, stages, plots, examples, vlm_examples)
     path = out / "report.md"
     atomic_write(path, lambda p: p.write_text(text))
     return path
-
-
-def _plots(rows: Sequence[Row], figures: Path) -> dict[str, Path]:
-    plots: dict[str, Path] = {}
-    zeroshot = [r for r in rows if r["task"] == "zeroshot"]
-    averages = average_rows(zeroshot, task="zeroshot")
-    made = plot_clean_vs_robust(
-        averages, figures / "zeroshot_headline.png", eps=HEADLINE_EPS, ylabel="accuracy (%)",
-        title=f"zero-shot accuracy, mean of the ShapesWorld tasks: clean vs APGD {eps_label(HEADLINE_EPS)}",
-    )  # fmt: skip
-    if made:
-        plots["headline"] = made
-    made = plot_metric_vs_eps(
-        averages + zeroshot, figures / "zeroshot_vs_eps.png", task="zeroshot", ylabel="accuracy (%)",
-        title="zero-shot accuracy under APGD-CE, per task (eps 0 = clean)",
-    )  # fmt: skip
-    if made:
-        plots["zeroshot"] = made
-    retrieval = [r for r in rows if r["task"] == "retrieval" and r["metric"].endswith("recall@1")]
-    made = plot_metric_vs_eps(
-        retrieval, figures / "retrieval_vs_eps.png", task="retrieval", ylabel="recall@1 (%)",
-        title="retrieval on the ShapesWorld test images and captions (images attacked)",
-    )  # fmt: skip
-    if made:
-        plots["retrieval"] = made
-    for task, ylabel in (("caption", "CIDEr"), ("vqa", "VQA accuracy (%)")):
-        made = plot_metric_vs_eps(
-            rows, figures / f"{task}_vs_eps.png", task=task, ylabel=ylabel,
-            title=f"{task} under attack (eps 0 = clean)", scale=1.0 if task == "caption" else 100.0,
-        )  # fmt: skip
-        if made:
-            plots[task] = made
-    return plots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +82,7 @@ def _pct(value: float | None) -> str:
 
 
 def render_markdown(
-    demo: Demo,
+    inputs: ReportInputs,
     rows: Sequence[Row],
     stages: dict[str, dict[str, Any]],
     plots: dict[str, Path],
@@ -126,7 +90,7 @@ def render_markdown(
     vlm_examples: Path | None = None,
 ) -> str:
     """The report's text (plots are referenced relative to the report)."""
-    p = demo.preset
+    p = inputs.preset
     lines: list[str] = []
     add = lines.append
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -141,7 +105,7 @@ def render_markdown(
     add("## Headline\n")
     add(_headline_text(head))
     if "headline" in plots:
-        add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], demo.out)})\n")
+        add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], inputs.out)})\n")
     add("## The paper's claims, checked on the small world\n")
     add(_claims_text(rows, head))
     add("## Zero-shot classification\n")
@@ -154,7 +118,7 @@ def render_markdown(
     zeroshot = [r for r in rows if r["task"] == "zeroshot"]
     add(markdown_table(_ordered(average_rows(zeroshot, task="zeroshot") + zeroshot)) + "\n")
     if "zeroshot" in plots:
-        add(f"![zero-shot accuracy vs eps]({_rel(plots['zeroshot'], demo.out)})\n")
+        add(f"![zero-shot accuracy vs eps]({_rel(plots['zeroshot'], inputs.out)})\n")
     retrieval = [r for r in rows if r["task"] == "retrieval"]
     if retrieval:
         add("## Retrieval\n")
@@ -164,8 +128,8 @@ def render_markdown(
         )
         add(markdown_table(_ordered([r for r in retrieval if r["metric"].endswith("recall@1")])) + "\n")
         if "retrieval" in plots:
-            add(f"![retrieval vs eps]({_rel(plots['retrieval'], demo.out)})\n")
-    add(_vlm_section(demo, rows, plots))
+            add(f"![retrieval vs eps]({_rel(plots['retrieval'], inputs.out)})\n")
+    add(_vlm_section(inputs, rows, plots))
     add("## Examples\n")
     if examples is not None:
         add(
@@ -176,7 +140,7 @@ def render_markdown(
             "by more than 4/255: enlarged 8x, a faint texture shows on flat backgrounds, and nothing a "
             "person would read differently.\n"
         )
-        add(f"![examples]({_rel(examples, demo.out)})\n")
+        add(f"![examples]({_rel(examples, inputs.out)})\n")
     else:
         add("No example grid: the models of this demo folder are not all trained yet.\n")
     if vlm_examples is not None:
@@ -184,8 +148,8 @@ def render_markdown(
             "The same test images captioned by the two VLMs: clean, then each model's own worst case at "
             f"4/255 (APGD on the NLL of the image's reference caption, {p.example_steps} steps).\n"
         )
-        add(f"![VLM examples]({_rel(vlm_examples, demo.out)})\n")
-    add(_setup_text(demo, stages))
+        add(f"![VLM examples]({_rel(vlm_examples, inputs.out)})\n")
+    add(_setup_text(inputs, stages))
     return "\n".join(lines) + "\n"
 
 
@@ -294,22 +258,20 @@ def _vlm_headline(rows: Sequence[Row]) -> dict[str, dict[str, dict[str, float]]]
     return out
 
 
-def _vlm_section(demo: Demo, rows: Sequence[Row], plots: dict[str, Path]) -> str:
-    from dvd.demo import available_vlm_evals, vlm_available
-
-    vlm_rows = [r for r in rows if r["task"] in ("caption", "vqa", "pope", "targeted")]
+def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Path]) -> str:
+    vlm_rows = [r for r in rows if r["task"] in VLM_EVALS]
     lines = ["## Vision-language models (clean LLaVA vs Δ²LLaVA)\n"]
     if not vlm_rows:
-        if not demo.include_vlm or not vlm_available():
-            why = "switched off (`--no-vlm`)" if not demo.include_vlm else "not installed in this checkout"
+        if not inputs.include_vlm:
             lines.append(
-                f"**Not run**: the LLaVA half of the demo (`dvd train vlm`) was {why}, so clean LLaVA "
+                "**Not run**: the LLaVA half of the demo (`dvd train vlm`) was switched off (`--no-vlm`), "
+                "so clean LLaVA "
                 "(on the clean CLIP) and Δ²LLaVA (on ΔCLIP, adversarial instruction tuning) were not "
                 "trained. Nothing in this report is about VLMs.\n"
             )
         else:
-            missing = [t for t in ("caption", "vqa", "pope", "targeted") if t not in available_vlm_evals()]
-            stages = read_json(demo.out / "stages.json") if (demo.out / "stages.json").is_file() else {}
+            ledger = inputs.out / "stages.json"
+            stages = read_json(ledger) if ledger.is_file() else {}
             failed = [n for n, i in stages.items() if "llava" in n and i.get("status") == "failed"]
             trained = [
                 n
@@ -324,11 +286,10 @@ def _vlm_section(demo: Demo, rows: Sequence[Row], plots: dict[str, Path]) -> str
                     else ""
                 )
                 + (f"; trained: {', '.join(f'`{n}`' for n in trained)}" if trained else "")
-                + (f" (evaluations not installed: {', '.join(missing)})" if missing else "")
                 + ".\n"
             )
         return "\n".join(lines)
-    p = demo.preset
+    p = inputs.preset
     lines.append(
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages; "
         "Δ²LLaVA attacks every training batch with PGD (eps 4/255) in both stages. Evaluated on "
@@ -352,7 +313,7 @@ def _vlm_section(demo: Demo, rows: Sequence[Row], plots: dict[str, Path]) -> str
             lines.append(f"### {title}\n")
             lines.append(markdown_table(_ordered(sel)) + "\n")
             if task in plots:
-                lines.append(f"![{task} vs eps]({_rel(plots[task], demo.out)})\n")
+                lines.append(f"![{task} vs eps]({_rel(plots[task], inputs.out)})\n")
             if task == "pope":
                 lines.extend(_pope_notes(rows))
     return "\n".join(lines)
@@ -360,8 +321,6 @@ def _vlm_section(demo: Demo, rows: Sequence[Row], plots: dict[str, Path]) -> str
 
 def _pope_notes(rows: Sequence[Row]) -> list[str]:
     """A line for each VLM whose POPE answers are (nearly) all one word: its F1 measures nothing."""
-    from dvd.demo import VISION_TOWER
-
     def select(model: str, task: str, pick: Callable[[Row], bool]) -> list[Row]:
         return [r for r in rows if r["model"] == model and r["task"] == task and pick(r)]
 
@@ -385,11 +344,11 @@ def _pope_notes(rows: Sequence[Row]) -> list[str]:
     return ["\n".join(notes) + "\n"] if notes else []
 
 
-def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:
-    p = demo.preset
+def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
+    p = inputs.preset
     lines = ["## Set-up\n"]
     lines.append(
-        f"- Preset `{p.name}`, seed {p.seed}, device `{demo.device}`. ShapesWorld: {p.world_size} "
+        f"- Preset `{p.name}`, seed {p.seed}, device `{inputs.device}`. ShapesWorld: {p.world_size} "
         f"pre-training pairs, {p.image_size} px, {p.eval_size} test images per zero-shot task, "
         f"{p.instruct_size} instruction images."
     )
@@ -432,7 +391,7 @@ def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:
     )
     lines.append("| stage | lane | wall s | CPU s | load |")
     lines.append("|---|---|---|---|---|")
-    clean_lane, delta_lane = demo.lanes()
+    clean_lane, delta_lane = inputs.lanes
     order = {name: i for i, name in enumerate(["world", *clean_lane, *delta_lane])}
     cpu_total, lane_wall = 0.0, {"clean": 0.0, "Δ": 0.0, "–": 0.0}
     for name, info in sorted(stages.items(), key=lambda item: order.get(item[0], len(order))):
@@ -471,7 +430,7 @@ def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:
         + ".\n"
     )
     lines.append(
-        f"Reproduce: `dvd demo --out {demo.out} --preset {p.name}` (a re-run reuses finished stages). "
+        f"Reproduce: `dvd demo --out {inputs.out} --preset {p.name}` (a re-run reuses finished stages). "
         f"All result rows: `results.json`; stage configs: `configs/`.\n"
     )
     return "\n".join(lines)
@@ -479,8 +438,6 @@ def _setup_text(demo: Demo, stages: dict[str, dict[str, Any]]) -> str:
 
 def _elapsed(stages: dict[str, dict[str, Any]]) -> float | None:
     """Seconds from the earliest recorded stage start to the latest stage end (None if unknown)."""
-    import datetime
-
     def parse(text: str) -> datetime.datetime:
         return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
 
@@ -500,236 +457,8 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-# ---------------------------------------------------------------------------------------------
-# the example grid
-
-
-def example_grid(
-    demo: Demo, path: Path, *, count: int = 4, steps: int = 100, eps: float = HEADLINE_EPS
-) -> Path:
-    """Clean test images and each CLIP's worst case at ``eps``, with its zero-shot reading of all tasks."""
-    import torch
-
-    from dvd.attacks import apgd, from_callable
-    from dvd.data.zeroshot import load_zeroshot
-    from dvd.eval.zeroshot import build_text_classifier
-    from dvd.models.clip import load_clip
-
-    world = demo.world
-    models = [m for m in ("clean-clip", "delta-clip", "tecoa", "fare") if demo.final(m).is_dir()]
-    if not models:
-        raise FileNotFoundError("no trained CLIP in the demo folder")
-    scenes = [s for s in read_json(world / "images" / "scenes.json") if s["split"] == "test"]
-    picked = _pick_scenes(scenes, count)
-    images = torch.stack([_load_image(world / "images" / s["file_name"]) for s in picked])
-    tasks = [t for t in TASK_ORDER if (world / "zeroshot" / t / "classnames.txt").is_file()]
-    truth = [[_truth(s, t) for t in tasks] for s in picked]
-    readings: dict[str, tuple[torch.Tensor, list[list[str]], list[list[str]]]] = {}
-    for name in models:
-        clip = load_clip(demo.final(name)).eval()
-        heads = []
-        for task in tasks:
-            data = load_zeroshot(world / "zeroshot" / task, transform=None)
-            weights = build_text_classifier(clip, data.classnames, data.templates)
-            heads.append((data.classnames, weights))
-        scale = float(clip.logit_scale.detach())
-
-        def logits(x: torch.Tensor, clip: Any = clip, heads: list = heads, scale: float = scale) -> list:
-            features = clip.encode_image(x)
-            return [scale * features @ w for _, w in heads]
-
-        def read(x: torch.Tensor, heads: list = heads, logits: Any = logits) -> list[list[str]]:
-            with torch.no_grad():
-                outs = logits(x)
-            return [[heads[t][0][int(o[i].argmax())] for t, o in enumerate(outs)] for i in range(len(x))]
-
-        clean = read(images)
-        labels = [
-            torch.tensor([heads[t][0].index(truth[i][t]) for i in range(len(picked))])
-            for t in range(len(tasks))
-        ]
-
-        def loss(x: torch.Tensor, labels: list = labels, logits: Any = logits) -> torch.Tensor:
-            return sum(
-                torch.nn.functional.cross_entropy(o, y, reduction="none")
-                for o, y in zip(logits(x), labels, strict=True)
-            )
-
-        generator = torch.Generator().manual_seed(demo.preset.seed)
-        adversarial = apgd(
-            from_callable(loss), images, eps=eps, steps=steps, generator=generator, early_stop=False
-        )
-        readings[name] = (adversarial.detach(), clean, read(adversarial))
-    return _draw_grid(path, images, truth, tasks, readings, eps)
-
-
-def vlm_example_grid(
-    demo: Demo, path: Path, *, count: int = 4, steps: int = 100, eps: float = HEADLINE_EPS
-) -> Path:
-    """Clean test images and each VLM's worst case at ``eps``, with the captions each model writes."""
-    import torch
-
-    from dvd.eval.captioning import instruct_caption_prompt
-    from dvd.eval.vlm_attack import attack_answers
-    from dvd.models.vlm import load_vlm
-
-    world = demo.world
-    names = [
-        m for m in ("clean-llava", "delta2-llava") if (demo.final(f"{m}-stage2") / "dvd_vlm.json").is_file()
-    ]
-    if not names:
-        raise FileNotFoundError("no trained VLM in the demo folder")
-    scenes = [s for s in read_json(world / "images" / "scenes.json") if s["split"] == "test"]
-    picked = _pick_scenes(scenes, count)
-    images = torch.stack([_load_image(world / "images" / s["file_name"]) for s in picked])
-    annotations = read_json(world / "captions" / "annotations.json")["annotations"]
-    references = [next(a["caption"] for a in annotations if a["image_id"] == s["image_id"]) for s in picked]
-    prompt = (
-        instruct_caption_prompt(world / "llava" / "stage2_instruct.json") or "Describe the image briefly."
-    )
-    captions: dict[str, tuple[Any, list[str], list[str]]] = {}
-    for name in names:
-        model = load_vlm(demo.final(f"{name}-stage2"), device="cpu").eval()
-        with torch.no_grad():
-            clean = model.generate(images, prompt, max_new_tokens=20)
-        generator = torch.Generator().manual_seed(demo.preset.seed)
-        adversarial = attack_answers(
-            model, images, [prompt] * len(picked), references, eps=eps, steps=steps, generator=generator
-        )
-        with torch.no_grad():
-            attacked = model.generate(adversarial, prompt, max_new_tokens=20)
-        captions[name] = (adversarial, clean, attacked)
-    return _draw_caption_grid(path, images, references, captions, eps)
-
-
-def _wrap(text: str, width: int = 34) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)) or "(empty)"
-
-
-def _draw_caption_grid(
-    path: Path,
-    images: Any,
-    references: list[str],
-    captions: dict[str, tuple[Any, list[str], list[str]]],
-    eps: float,
-) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(captions)
-    rows, cols = len(images), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
-    for i in range(rows):
-        ax = axes[i][0]
-        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_xlabel("reference:\n" + _wrap(references[i]), fontsize=8)
-        if i == 0:
-            ax.set_title("clean image", fontsize=9)
-        for j, name in enumerate(names, start=1):
-            adversarial, clean, attacked = captions[name]
-            ax = axes[i][j]
-            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xlabel(f"clean: {_wrap(clean[i])}\nattacked: {_wrap(attacked[i])}", fontsize=8)
-            if i == 0:
-                ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _pick_scenes(scenes: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """Distinct colours and shapes, no distractor: easy to read at a glance."""
-    chosen: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for s in scenes:
-        if s.get("distractor") is None and s["color"] not in seen and s["shape"] not in seen:
-            chosen.append(s)
-            seen.update((s["color"], s["shape"]))
-        if len(chosen) == count:
-            break
-    return chosen or scenes[:count]
-
-
-def _truth(scene: dict[str, Any], task: str) -> str:
-    from dvd.data.shapesworld import NUMBER_WORDS
-
-    return NUMBER_WORDS[scene["count"]] if task == "count" else str(scene[task])
-
-
-def _load_image(path: Path) -> Any:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _describe(reading: Sequence[str], truth: Sequence[str] | None = None) -> str:
-    words = []
-    for i, word in enumerate(reading):
-        words.append(f"{word}*" if truth is not None and word != truth[i] else word)
-    return " ".join(words)
-
-
-def _draw_grid(
-    path: Path,
-    images: Any,
-    truth: list[list[str]],
-    tasks: list[str],
-    readings: dict[str, tuple[Any, list[list[str]], list[list[str]]]],
-    eps: float,
-) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(readings)
-    rows, cols = len(images), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.75 * rows), squeeze=False)
-    for i in range(rows):
-        ax = axes[i][0]
-        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_xlabel("truth:\n" + _describe(truth[i]), fontsize=8)
-        if i == 0:
-            ax.set_title(f"clean image\n({' / '.join(tasks)})", fontsize=9)
-        for j, name in enumerate(names, start=1):
-            adversarial, clean, attacked = readings[name]
-            ax = axes[i][j]
-            ax.imshow(adversarial[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            # red where the attack made the reading worse than the model's clean one
-            wrong = sum(a != b for a, b in zip(attacked[i], truth[i], strict=True)) > sum(
-                a != b for a, b in zip(clean[i], truth[i], strict=True)
-            )
-            ax.set_xlabel(
-                f"clean: {_describe(clean[i], truth[i])}\nattacked: {_describe(attacked[i], truth[i])}",
-                fontsize=8, color="#b03a2e" if wrong else "black",
-            )  # fmt: skip
-            if i == 0:
-                ax.set_title(f"{name}\nattacked at {eps_label(eps)}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def summary_json(rows: Sequence[Row]) -> str:
     """The headline numbers as one JSON line (for scripts and the tests)."""
     return json.dumps({m: {k: round(v, 4) for k, v in vals.items()} for m, vals in headline(rows).items()})
 
 
-__all__ = ["example_grid", "headline", "parse_eps", "render_markdown", "summary_json", "write_report"]

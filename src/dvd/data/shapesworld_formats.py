@@ -1,7 +1,8 @@
 """ShapesWorld writers: webdataset shards, CLIP_benchmark tasks, COCO captions, VQAv2, POPE, LLaVA JSON.
 
 Everything is byte-stable: PNGs with fixed encoder settings, JSON with sorted keys, tar members with
-fixed mtime/uid/gid/mode and the USTAR format. The layout is documented in :mod:`dvd.data.shapesworld`.
+fixed mtime/uid/gid/mode and the USTAR format. :mod:`dvd.data.shapesworld` writes them all; the
+layout is documented there.
 """
 
 from __future__ import annotations
@@ -19,17 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from dvd.config import ConfigError
-from dvd.data.shapesworld import (
+from dvd.data.shapesworld_captions import caption, plural
+from dvd.data.shapesworld_scenes import (
     NUMBER_WORDS,
     SPEC,
     Scene,
     ShapesWorldSpec,
-    _pick,
-    caption,
-    captions,
-    check_arguments,
-    plural,
+    pick,
     render_array,
     sample_scene,
     scene_rng,
@@ -194,7 +191,7 @@ def brace_pattern(names: list[str]) -> str:
 # ----------------------------------------------------------------------------------------- scenes
 
 
-def _scene_and_image(
+def scene_and_image(
     seed: int, stream: int, index: int, image_size: int, **fixed: Any
 ) -> tuple[Scene, np.ndarray, np.random.Generator]:
     rng = scene_rng(seed, stream, index)
@@ -202,24 +199,24 @@ def _scene_and_image(
     return scene, render_array(scene, image_size, rng), rng
 
 
-def _pretrain_samples(
+def pretrain_samples(
     seed: int, start: int, stop: int, image_size: int
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     for i in range(start, stop):
-        scene, image, rng = _scene_and_image(seed, PRETRAIN, i, image_size)
+        scene, image, rng = scene_and_image(seed, PRETRAIN, i, image_size)
         text = caption(scene, rng)
         key = f"{i:08d}"
         meta = {**scene.to_json(), "caption": text, "key": key, "width": image_size, "height": image_size}
         yield key, {"png": png_bytes(image), "txt": text.encode(), "json": json_bytes(meta)}
 
 
-def _zeroshot_samples(
+def zeroshot_samples(
     seed: int, task_index: int, task: str, n: int, image_size: int
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     attribute, _, values, fixed, _ = ZEROSHOT_TASKS[task]
     for i in range(n):
         label = i % len(values)  # balanced classes
-        _, image, _ = _scene_and_image(
+        _, image, _ = scene_and_image(
             seed,
             ZEROSHOT + task_index,
             i,
@@ -248,7 +245,7 @@ def _question_pool(
     noun = s.shape if one else plural(s.shape)
     absent = [x for x in spec.shapes if x not in s.present_shapes]
     colors, yes_no = list(spec.colors), ["yes", "no"]
-    asked = _pick(rng, s.present_shapes) if rng.random() < 0.5 else _pick(rng, absent)
+    asked = pick(rng, s.present_shapes) if rng.random() < 0.5 else pick(rng, absent)
     pool: dict[str, list[tuple[str, str, str, list[str]]]] = {
         "yes/no": [
             (f"Is there a {asked}?", "yes" if asked in s.present_shapes else "no", "is there a", yes_no),
@@ -295,7 +292,7 @@ def _question_pool(
         ],
     }
     if rng.random() < 0.15:  # now and then ask for a shape that is not there
-        x = _pick(rng, absent)
+        x = pick(rng, absent)
         pool["number"][0] = (f"How many {plural(x)} are there?", "0", "how many", ["1"])
     if one and s.position:
         pool["other"].append(
@@ -337,7 +334,7 @@ def annotator_answers(answer: str, confusable: list[str], rng: np.random.Generat
     answers = []
     for i in range(10):
         if i in noisy and confusable:
-            text, confidence = _pick(rng, confusable), _pick(rng, ("maybe", "no"))
+            text, confidence = pick(rng, confusable), pick(rng, ("maybe", "no"))
         else:
             text, confidence = answer, "yes" if rng.random() < 0.9 else "maybe"
         answers.append({"answer": text, "answer_confidence": confidence, "answer_id": i + 1})
@@ -486,7 +483,7 @@ def llava_sets(
                 "id": key,
                 "image": file_name,
                 "conversations": [
-                    {"from": "human", "value": "<image>\n" + _pick(rng, BRIEF_PROMPTS)},
+                    {"from": "human", "value": "<image>\n" + pick(rng, BRIEF_PROMPTS)},
                     {"from": "gpt", "value": refs[0]},
                 ],
             }
@@ -496,14 +493,14 @@ def llava_sets(
         ]
         # balanced like POPE: half the presence questions ask about a shape that is there
         absent = [x for x in spec.shapes if x not in scene.present_shapes]
-        asked = _pick(rng, scene.present_shapes) if rng.random() < 0.5 else _pick(rng, absent)
+        asked = pick(rng, scene.present_shapes) if rng.random() < 0.5 else pick(rng, absent)
         turns.append(
             (
                 f"Is there a {asked} in the image?" + SHORT_ANSWER,
                 "yes" if asked in scene.present_shapes else "no",
             )
         )
-        turns.append((_pick(rng, DETAIL_PROMPTS), refs[int(rng.integers(1, len(refs)))]))
+        turns.append((pick(rng, DETAIL_PROMPTS), refs[int(rng.integers(1, len(refs)))]))
         picked = rng.choice(len(turns), size=int(rng.integers(2, 5)), replace=False)
         conversation = []
         for n, i in enumerate(picked):
@@ -512,139 +509,3 @@ def llava_sets(
             conversation.append({"from": "gpt", "value": answer})
         stage2.append({"id": key, "image": file_name, "conversations": conversation})
     return stage1, stage2
-
-
-# ----------------------------------------------------------------------------------------- the world
-
-
-def _clear_previous(root: Path) -> None:
-    """Remove the numbered files an earlier generation may have left (so stale shards never linger)."""
-    patterns = ("pretrain/shard-*.tar", "images/train/*.png", "images/test/*.png", "zeroshot/*/test/*.tar")
-    for pattern in patterns:
-        for path in root.glob(pattern):
-            path.unlink()
-
-
-def _write_images(
-    root: Path, seed: int, stream: int, split: str, first_id: int, n: int, image_size: int
-) -> list[tuple[int, str, Scene, list[str]]]:
-    """``n`` images with ids from ``first_id``; the i-th depends only on (seed, stream, i)."""
-    rows = []
-    for index in range(n):
-        image_id = first_id + index
-        scene, image, rng = _scene_and_image(seed, stream, index, image_size)
-        file_name = f"{split}/{image_id:012d}.png"
-        path = root / "images" / file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(image))
-        rows.append((image_id, file_name, scene, captions(scene, rng, 5)))
-    return rows
-
-
-def write_world(
-    root: Path,
-    *,
-    seed: int,
-    size: int,
-    image_size: int,
-    eval_size: int,
-    instruct_size: int | None,
-    shard_size: int,
-) -> dict[str, Any]:
-    """Write every ShapesWorld file under ``root``; returns the summary written to summary.json."""
-    check_arguments(
-        root,
-        seed=seed,
-        size=size,
-        image_size=image_size,
-        eval_size=eval_size,
-        instruct_size=instruct_size,
-        shard_size=shard_size,
-    )
-    n_train = instruct_size if instruct_size is not None else max(eval_size, size // 10)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _clear_previous(root)
-    except OSError as error:
-        raise ConfigError(f"--out {root}: cannot write there ({error.strerror}); pick another path") from None
-    records: dict[str, int] = {}
-
-    shards = []
-    for k, start in enumerate(range(0, size, shard_size)):
-        name = f"shard-{k:06d}.tar"
-        samples = _pretrain_samples(seed, start, min(start + shard_size, size), image_size)
-        records[f"pretrain/{name}"] = write_tar(root / "pretrain" / name, samples)
-        shards.append(name)
-    write_bytes(root / "pretrain" / "shards.txt", "".join(f"{s}\n" for s in shards).encode())
-
-    zeroshot = {}
-    for task_index, (task, (_, classnames, _, fixed, templates)) in enumerate(ZEROSHOT_TASKS.items()):
-        task_dir = root / "zeroshot" / task
-        write_bytes(task_dir / "classnames.txt", "".join(f"{c}\n" for c in classnames).encode())
-        write_bytes(
-            task_dir / "zeroshot_classification_templates.txt", "".join(f"{t}\n" for t in templates).encode()
-        )
-        write_bytes(task_dir / "test" / "nshards.txt", b"1\n")
-        records[f"zeroshot/{task}/test/0.tar"] = write_tar(
-            task_dir / "test" / "0.tar", _zeroshot_samples(seed, task_index, task, eval_size, image_size)
-        )
-        zeroshot[task] = {
-            "classnames": list(classnames),
-            "samples": eval_size,
-            "fixed": fixed,
-            "shards": [f"zeroshot/{task}/test/0.tar"],
-        }
-
-    test = _write_images(root, seed, TEST_IMAGES, "test", 1, eval_size, image_size)
-    train = _write_images(root, seed, TRAIN_IMAGES, "train", eval_size + 1, n_train, image_size)
-    n_val = max(1, eval_size // 5)
-    split_rows = [(*row, "train") for row in train] + [
-        (*row, "val" if i < n_val else "test") for i, row in enumerate(test)
-    ]
-    scenes = [
-        {"image_id": image_id, "file_name": file_name, "split": split, **scene.to_json()}
-        for image_id, file_name, scene, _, split in split_rows
-    ]
-    write_bytes(root / "images" / "scenes.json", json_bytes(scenes))
-    records["images/scenes.json"] = len(scenes)
-    records.update(write_captions(root, split_rows, image_size))
-    test_scenes = [(image_id, file_name, scene) for image_id, file_name, scene, _ in test]
-    records.update(write_vqa(root, seed, test_scenes))
-    for setting, rows in pope_files(seed, test_scenes).items():
-        name = f"pope/pope_{setting}.jsonl"
-        write_bytes(root / name, b"".join(json_bytes(row) for row in rows))
-        records[name] = len(rows)
-    stage1, stage2 = llava_sets(seed, train)
-    for name, rows in (("llava/stage1_captions.json", stage1), ("llava/stage2_instruct.json", stage2)):
-        write_bytes(root / name, json_bytes(rows, indent=1))
-        records[name] = len(rows)
-
-    summary = {
-        "name": "shapesworld",
-        "format_version": 1,
-        "seed": seed,
-        "image_size": image_size,
-        "size": size,
-        "eval_size": eval_size,
-        "instruct_size": n_train,
-        "shard_size": shard_size,
-        "spec": SPEC.to_json(),
-        "pretrain": {
-            "samples": size,
-            "shards": [f"pretrain/{s}" for s in shards],
-            "urls": "pretrain/" + brace_pattern(shards),
-        },
-        "zeroshot": zeroshot,
-        "images": {
-            "train": len(train),
-            "test": len(test),
-            "root": "images",
-            "splits": {"train": len(train), "val": n_val, "test": len(test) - n_val},
-        },
-        "files": {
-            name: {"records": n, "bytes": (root / name).stat().st_size} for name, n in sorted(records.items())
-        },
-    }
-    text = json_bytes(summary, indent=2)
-    write_bytes(root / "summary.json", text)
-    return json.loads(text)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from dvd.data.scienceqa import OPTIONS
-from dvd.data.shapesworld import NUMBER_WORDS, POSITION_PHRASES, SPEC, Scene, plural, scene_rng
+from dvd.data.shapesworld_captions import plural
+from dvd.data.shapesworld_scenes import NUMBER_WORDS, POSITION_PHRASES, SPEC, Scene, scene_rng
 from dvd.io import atomic_write
 
 SCIENCEQA, MME = 60, 61
@@ -119,12 +120,12 @@ def write_reasoning_sets(
     root: str | Path, seed: int, test_scenes: Sequence[tuple[int, str, Scene]]
 ) -> dict[str, int]:
     """Write the ScienceQA and MME sets for the held-out images (files under ``root/images``); returns
-    ``{file: records}`` for the world's summary."""
+    ``{file: records}`` for the world's summary (the ScienceQA file; MME's folders hold a pair of files per
+    image and subtask)."""
     root = Path(root)
     entries = [scienceqa_entry(i, name, scene, seed) for i, name, scene in test_scenes]
     write_bytes(root / SCIENCEQA_FILE, (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode())
     records = {SCIENCEQA_FILE: len(entries)}
-    counts = dict.fromkeys(MME_SUBTASKS, 0)
     for image_id, name, scene in test_scenes:
         image = (root / "images" / name).read_bytes()
         for subtask, pairs in mme_questions(image_id, scene, seed).items():
@@ -132,6 +133,4 @@ def write_reasoning_sets(
             write_bytes(folder / f"{image_id:012d}.png", image)
             text = "".join(f"{q}\t{a}\n" for q, a in pairs)
             write_bytes(folder / f"{image_id:012d}.txt", text.encode())
-            counts[subtask] += len(pairs)
-    records.update({f"mme/{s}": n for s, n in counts.items()})
     return records

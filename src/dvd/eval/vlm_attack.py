@@ -597,7 +597,7 @@ def load_model(
     if model_base is not None and not is_llava_original(spec):
         raise ConfigError(f"--model-base applies to LoRA / projector-only LLaVA releases, not {spec}")
     if (path / "dvd_vlm.json").is_file():
-        from dvd.models.vlm import load_vlm
+        from dvd.models.vlm_io import load_vlm
 
         return load_vlm(path, device=device, dtype=torch_dtype)
     if is_llava_original(spec):

@@ -1,7 +1,8 @@
 """CLIP for dvd: an open_clip model that takes [0, 1] images and normalises them itself.
 
-Attacks live in pixel space, so mean/std (per model, from its preprocessing config: ImageNet's for
-ΔCLIP, OpenAI's for OpenAI CLIP) are buffers of the wrapper, not part of the data pipeline.
+Attacks live in pixel space, so mean/std (per model, from its preprocessing config: OpenAI's for open_clip
+names, ImageNet's for the released ΔCLIPs; ``dvd train clip normalization=`` picks what a trained model
+saves) are buffers of the wrapper, not part of the data pipeline.
 Checkpoints are open_clip's own hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``),
 so a saved model loads in plain open_clip with ``create_model("local-dir:DIR")``.
 """
@@ -78,7 +79,7 @@ class DvdCLIP(nn.Module):
         self.register_buffer("std", std, persistent=False)
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Use another per-channel mean/std (e.g. ImageNet's, as ΔCLIP does); saved with the checkpoint."""
+        """Use another per-channel mean/std (e.g. ImageNet's, as the released ΔCLIPs); saved with it."""
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ConfigError(f"mean and std need 3 values each (std > 0), got {list(mean)} and {list(std)}")
         self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))

@@ -41,8 +41,8 @@ from transformers import (
 from dvd.config import ConfigError
 from dvd.io import read_json
 from dvd.models.llava_preprocess import llava_transform
-from dvd.models.vlm import DvdVLM, MLPProjector, _hf_load, vision_tower_from_clip
-from dvd.models.vlm_base import set_hf_checkpointing
+from dvd.models.vlm import DvdVLM, MLPProjector, vision_tower_from_clip
+from dvd.models.vlm_base import hf_load, set_hf_checkpointing
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -258,8 +258,8 @@ def build_vision_tower(
             _load_tower(tower, {f"visual.{k}": v for k, v in weights.items()}, name)
     else:
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        clip = _hf_load(CLIPVisionModel.from_pretrained, name, "vision tower", **kwargs)
-        processor = _hf_load(CLIPImageProcessor.from_pretrained, name, "vision tower image processor")
+        clip = hf_load(CLIPVisionModel.from_pretrained, name, "vision tower", **kwargs)
+        processor = hf_load(CLIPImageProcessor.from_pretrained, name, "vision tower image processor")
         tower = HFCLIPVisionTower(
             clip,
             mean=processor.image_mean,
@@ -383,7 +383,7 @@ def load_llava_original(
     lm = build_lm(lm_config(config), lm_weights, dtype)
     if layout == "lora":
         lm = _merge_lora(lm, directory)
-    tokenizer = _hf_load(AutoTokenizer.from_pretrained, str(tokenizer_dir), "LLaVA tokenizer")
+    tokenizer = hf_load(AutoTokenizer.from_pretrained, str(tokenizer_dir), "LLaVA tokenizer")
     tower = build_vision_tower(config, tower_weights, dtype)
     projector = build_projector(config, projector_weights, lm.get_input_embeddings().embedding_dim)
     if dtype is not None:

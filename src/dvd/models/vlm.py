@@ -1,26 +1,20 @@
 """LLaVA-style VLM: open_clip ViT (penultimate-layer patch tokens) -> ``mlp2x_gelu`` -> any HF causal LM.
 
-Front door: :func:`create_vlm`, :func:`save_vlm`, :func:`load_vlm` (which also restores the HF LLaVA
-adapter, :class:`dvd.models.vlm_hf.HFLlava`). Both implement :class:`VisionLanguageModel`:
-``per_sample_nll(images, batch)``, ``forward(images, batch) -> VLMOutput``, ``generate(images, prompts)``,
-``collator()``, with images in [0, 1] and the vision tower's mean/std applied inside.
+Front door: :func:`create_vlm`; saving and loading (also of the HF LLaVA adapter,
+:class:`dvd.models.vlm_hf.HFLlava`) are :mod:`dvd.models.vlm_io`'s. Both implement
+:class:`VisionLanguageModel`: ``per_sample_nll(images, batch)``, ``forward(images, batch) -> VLMOutput``,
+``generate(images, prompts)``, ``collator()``, with images in [0, 1] and the tower's mean/std applied inside.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import open_clip
 import torch
-from huggingface_hub import constants as hf_constants
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,8 +26,8 @@ from transformers import (
 )
 
 from dvd.config import ConfigError
-from dvd.io import read_json, versions, write_json
-from dvd.models.vlm_base import VisionLanguageModel, VLMOutput, set_hf_checkpointing
+from dvd.models.clip import create_clip
+from dvd.models.vlm_base import VisionLanguageModel, VLMOutput, hf_load, set_hf_checkpointing
 from dvd.models.vlm_conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -60,16 +54,10 @@ __all__ = [
     "VisionTower",
     "build_tokenizer",
     "create_vlm",
-    "load_vlm",
     "make_conversation",
-    "save_vlm",
     "vision_tower_from_clip",
 ]
 
-RECIPE_NAME = "dvd_vlm.json"
-FORMAT = "dvd-vlm"
-FORMAT_VERSION = 1
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 class VisionTower(nn.Module):
@@ -286,7 +274,7 @@ def create_vlm(
             )
         tokenizer = lm
     if isinstance(tokenizer, str):
-        tokenizer = _hf_load(AutoTokenizer.from_pretrained, tokenizer, "tokenizer")
+        tokenizer = hf_load(AutoTokenizer.from_pretrained, tokenizer, "tokenizer")
     ensure_image_token(tokenizer)
     language_model = _language_model(lm, tokenizer, lm_dtype)
     hidden = language_model.get_input_embeddings().embedding_dim
@@ -300,8 +288,6 @@ def _vision_tower(vision: str | nn.Module, pretrained: str | None, feature_layer
     if isinstance(vision, VisionTower):
         return vision
     if isinstance(vision, str):
-        from dvd.models.clip import create_clip
-
         vision = create_clip(vision, pretrained=pretrained)
     elif pretrained is not None:
         raise ConfigError("vision_pretrained only applies when vision is a model name")
@@ -319,7 +305,7 @@ def _language_model(
         kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        return _hf_load(AutoModelForCausalLM.from_pretrained, lm, "language model", **kwargs)
+        return hf_load(AutoModelForCausalLM.from_pretrained, lm, "language model", **kwargs)
     if isinstance(lm, Mapping):
         fields = dict(lm)
         if "model_type" not in fields:
@@ -332,167 +318,3 @@ def _language_model(
         model = AutoModelForCausalLM.from_config(lm)
         return model.to(dtype) if dtype is not None else model
     raise ConfigError(f"lm must be a name, a config or a model, got {type(lm).__name__}")
-
-
-def _hf_load(load: Callable[..., Any], name: str, what: str, **kwargs: Any) -> Any:
-    """``from_pretrained`` with a one-line error when the name is neither local nor reachable."""
-    try:
-        return load(name, **kwargs)
-    except OSError as error:
-        offline = bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
-        hint = (
-            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; "
-            "download it once online or give a local path"
-            if offline
-            else "check the name, or download it and give the local path"
-        )
-        raise FileNotFoundError(f"cannot load {what} {name!r}: {hint} ({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-def save_vlm(
-    model: VisionLanguageModel, directory: str | Path, *, metadata: Mapping[str, Any] | None = None
-) -> Path:
-    """Write ``model`` to ``directory`` (replaced atomically): safetensors weights, the LM config and
-    tokenizer via ``save_pretrained``, and ``dvd_vlm.json`` (the recipe, package versions, ``metadata``)."""
-    from dvd.models.vlm_hf import HFLlava, save_hf_llava
-
-    for part in ("lm", "hf"):
-        if hasattr(getattr(model, part, None), "peft_config"):
-            raise ConfigError(
-                f"merge LoRA weights before saving: model.{part} = model.{part}.merge_and_unload()"
-            )
-    directory = Path(directory)
-
-    def write(tmp: Path) -> dict[str, Any]:
-        if isinstance(model, HFLlava):
-            recipe = save_hf_llava(model, tmp)
-        elif isinstance(model, DvdVLM):
-            recipe = _save_dvd_vlm(model, tmp)
-        else:
-            raise ConfigError(f"cannot save a {type(model).__name__}; expected DvdVLM or HFLlava")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        return recipe
-
-    return _write_directory(directory, write, metadata)
-
-
-def _save_dvd_vlm(model: DvdVLM, tmp: Path) -> dict[str, Any]:
-    vision = model.vision_tower.recipe()
-    save_file(_tensors(model.vision_tower), str(tmp / "vision_tower.safetensors"))
-    save_file(_tensors(model.projector), str(tmp / "projector.safetensors"))
-    model.lm.save_pretrained(tmp / "lm", safe_serialization=True)
-    return {
-        "kind": "dvd",
-        "vision": vision,
-        "projector": {
-            "type": "mlp2x_gelu",
-            "in_features": model.projector.in_features,
-            "out_features": model.projector.out_features,
-        },
-        "lm": {"dir": "lm", "class": type(model.lm).__name__},
-        "template": model.template.to_dict(),
-    }
-
-
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-
-
-def _write_directory(
-    directory: Path, write: Callable[[Path], dict[str, Any]], metadata: Mapping[str, Any] | None
-) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        recipe = write(tmp)
-        recipe = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **recipe,
-            "tokenizer": "tokenizer",
-            "metadata": dict(metadata or {}),
-            "versions": versions(),
-        }
-        write_json(tmp / RECIPE_NAME, recipe)
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def load_vlm(
-    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> VisionLanguageModel:
-    """Restore a model written by :func:`save_vlm` (a :class:`DvdVLM` or an HF LLaVA adapter), in eval mode.
-
-    Only safetensors weights are read; a directory holding pickled weights is refused. A full LLaVA in its
-    authors' layout goes to :func:`dvd.models.llava_original.load_llava_original`.
-    """
-    from dvd.models.llava_original import is_llava_original, load_llava_original  # it imports this module
-
-    if is_llava_original(directory):
-        return load_llava_original(directory, device=device, dtype=dtype)
-    directory = Path(directory)
-    recipe = read_json(directory / RECIPE_NAME)
-    if recipe.get("format") != FORMAT:
-        raise ValueError(
-            f"{directory / RECIPE_NAME} is not a dvd VLM recipe (format {recipe.get('format')!r})"
-        )
-    pickles = sorted(p.name for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"{directory} holds pickled weights ({', '.join(pickles)}); only safetensors are loaded"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(directory / recipe.get("tokenizer", "tokenizer"))
-    if recipe.get("kind") == "hf-llava":
-        from dvd.models.vlm_hf import load_saved_hf_llava
-
-        model: VisionLanguageModel = load_saved_hf_llava(directory, recipe, tokenizer, dtype=dtype)
-    elif recipe.get("kind") == "dvd":
-        model = _load_dvd_vlm(directory, recipe, tokenizer, dtype)
-    else:
-        raise ValueError(f"{directory / RECIPE_NAME}: unknown model kind {recipe.get('kind')!r}")
-    return model.to(device).eval()
-
-
-def _load_dvd_vlm(
-    directory: Path, recipe: dict[str, Any], tokenizer: Any, dtype: torch.dtype | None
-) -> DvdVLM:
-    tower = VisionTower.from_recipe(recipe["vision"])
-    tower.load_state_dict(_read_safetensors(directory / "vision_tower.safetensors"))
-    spec = recipe["projector"]
-    if spec.get("type") != "mlp2x_gelu":
-        raise ValueError(f"{directory}: unknown projector type {spec.get('type')!r}")
-    projector = MLPProjector(spec["in_features"], spec["out_features"])
-    projector.load_state_dict(_read_safetensors(directory / "projector.safetensors"))
-    lm_dir = directory / recipe["lm"]["dir"]
-    if not any(lm_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{lm_dir}: no safetensors weights")
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, **kwargs)
-    if dtype is not None:
-        tower.to(dtype)
-        projector.to(dtype)
-    template = ConversationTemplate.from_dict(recipe["template"])
-    return DvdVLM(tower, projector, lm, tokenizer, template=template)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return load_file(str(path))

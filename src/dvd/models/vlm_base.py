@@ -9,12 +9,13 @@ objective is ``lambda x: model.per_sample_nll(x, batch)`` and gradients reach th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from torch import nn
 
 from dvd.models.vlm_conversation import (
@@ -257,3 +258,23 @@ class VisionLanguageModel(nn.Module):
         out = lm(**kwargs)
         new_cache = getattr(out, "cache" if "cache" in self._lm_params() else "past_key_values", None)
         return out.logits, new_cache
+
+
+def hf_load(load: Callable[..., Any], name: str, what: str, **kwargs: Any) -> Any:
+    """``from_pretrained`` with a one-line error when the name is neither local nor reachable."""
+    try:
+        return load(name, **kwargs)
+    except OSError as error:
+        offline = bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; "
+            "download it once online or give a local path"
+            if offline
+            else "check the name, or download it and give the local path"
+        )
+        raise FileNotFoundError(f"cannot load {what} {name!r}: {hint} ({first_line(error)})") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from dvd.config import ConfigError
-from dvd.models.vlm import DvdVLM, MLPProjector, VisionTower, _hf_load
-from dvd.models.vlm_base import VisionLanguageModel, set_hf_checkpointing
+from dvd.models.vlm import DvdVLM, MLPProjector, VisionTower
+from dvd.models.vlm_base import VisionLanguageModel, hf_load, set_hf_checkpointing
 from dvd.models.vlm_conversation import IMAGE_TOKEN, ConversationTemplate, get_template
 from dvd.models.vlm_tokenizer import ensure_image_token
 
@@ -125,12 +125,12 @@ def load_hf_llava(
 
     Tokenizer and CLIP mean/std come from the checkpoint's processor files; weights are safetensors only.
     """
-    tokenizer = _hf_load(AutoTokenizer.from_pretrained, name, "LLaVA tokenizer")
-    processor = _hf_load(AutoImageProcessor.from_pretrained, name, "LLaVA image processor")
+    tokenizer = hf_load(AutoTokenizer.from_pretrained, name, "LLaVA tokenizer")
+    processor = hf_load(AutoImageProcessor.from_pretrained, name, "LLaVA image processor")
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    hf = _hf_load(LlavaForConditionalGeneration.from_pretrained, name, "LLaVA model", **kwargs)
+    hf = hf_load(LlavaForConditionalGeneration.from_pretrained, name, "LLaVA model", **kwargs)
     model = HFLlava(hf, tokenizer, mean=processor.image_mean, std=processor.image_std, template=template)
     return model.to(device).eval()
 
@@ -150,7 +150,7 @@ def save_hf_llava(model: HFLlava, directory: Path) -> dict[str, Any]:
 def load_saved_hf_llava(
     directory: Path, recipe: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype | None
 ) -> HFLlava:
-    """The adapter written by :func:`save_hf_llava` (used by :func:`dvd.models.vlm.load_vlm`)."""
+    """The adapter written by :func:`save_hf_llava` (used by :func:`dvd.models.vlm_io.load_vlm`)."""
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = dtype

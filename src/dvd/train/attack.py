@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from dvd.attacks.pgd import pgd
-from dvd.train.loop import StepInfo, derived_seed, module_mode
+from dvd.train.loop import StepInfo
+from dvd.train.precision import module_mode
+from dvd.train.rng import derived_seed
 
 
 @dataclass
@@ -63,5 +65,5 @@ def run_pgd(
             objective, images.detach().float(), eps=eps, steps=steps,
             step_size=settings.step_size_for(eps, steps),
             random_start=settings.random_start, generator=settings.generator(images.device, rank, info),
-        )  # fmt: skip
+        )
     return adversarial.detach()

@@ -13,17 +13,20 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvd.config import ConfigError, suggest
-from dvd.train.loop import DistEnv, derived_seed
-
-if TYPE_CHECKING:
-    from dvd.models.clip import DvdCLIP
-    from dvd.train.clip import ClipTrainConfig
+from dvd.data.image_text import CorruptSample, CsvImageText, ShardStream, image_text_shards
+from dvd.data.shapesworld_formats import ZEROSHOT_TASKS
+from dvd.data.transforms import image_transform
+from dvd.data.zeroshot import load_zeroshot
+from dvd.models.clip import DvdCLIP
+from dvd.train.clip_config import ClipTrainConfig
+from dvd.train.distributed import DistEnv
+from dvd.train.rng import derived_seed
 
 
 def detect_format(cfg: ClipTrainConfig) -> str:
@@ -60,8 +63,6 @@ def shapesworld_shards(root: str | Path) -> list[str]:
 
 
 def _shapesworld_label(sample: dict[str, Any], *, attribute: str, values: tuple[Any, ...]) -> int:
-    from dvd.data.image_text import CorruptSample
-
     try:
         value = json.loads(sample["json"])[attribute]
         return values.index(value)
@@ -77,8 +78,6 @@ def shapesworld_task(
     TeCoA on ShapesWorld learns from the pre-training images' attribute labels (``KEY.json``), never
     from the zero-shot test images it is evaluated on.
     """
-    from dvd.data.shapesworld_formats import ZEROSHOT_TASKS
-
     if task not in ZEROSHOT_TASKS:
         raise ConfigError(f"unknown ShapesWorld task {task!r}{suggest(task, ZEROSHOT_TASKS)}")
     attribute, classnames, values, _, templates = ZEROSHOT_TASKS[task]
@@ -142,7 +141,7 @@ def make_loader_factory(
         return DataLoader(
             source, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate, drop_last=True,
             persistent_workers=False, pin_memory=env.device.type == "cuda",
-        )  # fmt: skip
+        )
 
     return make
 
@@ -154,9 +153,6 @@ def build_dataset(
 
     ``info`` carries ``classnames``/``templates`` for tecoa.
     """
-    from dvd.data.image_text import CsvImageText, ShardStream, image_text_shards
-    from dvd.data.transforms import image_transform
-
     kind = detect_format(cfg)
     transform = image_transform(clip.image_size, train=cfg.augment)
     shuffle = cfg.shuffle_buffer
@@ -175,8 +171,6 @@ def build_dataset(
             info.update(classnames=classnames, templates=templates, name=f"shapesworld/{cfg.task}")
             return data, collate_labelled, info
         if kind == "zeroshot":
-            from dvd.data.zeroshot import load_zeroshot
-
             task = load_zeroshot(cfg.data, transform=transform, split=cfg.split, split_by_node=True)
             if isinstance(task.dataset, ShardStream):
                 task.dataset.shuffle, task.dataset.seed = shuffle, cfg.seed
@@ -191,8 +185,6 @@ def build_dataset(
             raise ConfigError(
                 f"{cfg.data} is a zero-shot (labelled) dataset; recipe {cfg.recipe} needs image-text pairs"
             )
-        from dvd.data.zeroshot import load_zeroshot
-
         task = load_zeroshot(cfg.data, transform=transform, split=cfg.split, split_by_node=True)
         return task.dataset, collate_labelled, info
     if kind == "csv":

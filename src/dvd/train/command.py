@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dvd.config import load_config
-from dvd.train.loop import TrainingDiverged
+from dvd.train.schedule import TrainingDiverged
 
 
 def training_cli(

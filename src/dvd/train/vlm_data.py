@@ -1,5 +1,5 @@
-"""Data of ``dvd train vlm``: LLaVA JSON (stage 1 captions, stage 2 instructions) or COCO captions as
-conversations, the small world's tokenizer, and the seeded, resumable loader.
+"""Data of ``dvd train vlm``: LLaVA JSON (stage 1 captions, stage 2 instructions), COCO captions or a
+Karpathy split file (its ``train`` + ``restval`` captions) as conversations, and the small world's tokenizer.
 
 Every training sample is ``{"image": (3, H, W) in [0, 1], "conversations": LLaVA turns}``; the
 model's :class:`dvd.models.vlm_conversation.VLMCollator` turns a list of them into
@@ -18,11 +18,17 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dvd.config import ConfigError, suggest
+from dvd.data.captions import CocoCaptions
+from dvd.data.instruct import LlavaInstruct
+from dvd.data.transforms import image_transform
 from dvd.models.vlm_conversation import VLMCollator, conversation_turns, make_conversation
+from dvd.models.vlm_tokenizer import build_tokenizer, texts_from_files
 
 log = logging.getLogger(__name__)
 
-DATA_FORMATS = ("auto", "shapesworld", "llava", "coco")
+DATA_FORMATS = ("auto", "shapesworld", "llava", "coco", "karpathy")
+ACCEPTED = "a ShapesWorld root, a LLaVA JSON list, a COCO captions JSON or a Karpathy split JSON"
+KARPATHY_TRAIN = "train"  # the Karpathy split trained on (``restval`` comes with it)
 SHAPESWORLD_FILES = {1: "llava/stage1_captions.json", 2: "llava/stage2_instruct.json"}
 # the small world's text, from which ``tokenizer: shapesworld`` builds its vocabulary
 SHAPESWORLD_TEXT = ("llava/*.json", "captions/annotations.json", "vqa/*.json", "pope/*.jsonl")
@@ -30,7 +36,7 @@ SHAPESWORLD_TEXT = ("llava/*.json", "captions/annotations.json", "vqa/*.json", "
 
 @dataclass(frozen=True)
 class DataSource:
-    """What to read: ``kind`` (llava | coco), the JSON file and the folder its image paths are under."""
+    """What to read: ``kind`` (llava | coco | karpathy), the JSON file and the folder its images are under."""
 
     kind: str
     path: Path
@@ -48,7 +54,7 @@ def resolve_source(data: str, data_format: str, image_root: str | None, stage: i
     if data_format not in DATA_FORMATS:
         raise ConfigError(f"unknown data_format {data_format!r}{suggest(data_format, DATA_FORMATS)}")
     if not data:
-        raise ConfigError("no training data; set data=DIR (a ShapesWorld root) or a LLaVA / COCO JSON file")
+        raise ConfigError(f"no training data; set data= to {ACCEPTED}")
     path = Path(data)
     if data_format in ("auto", "shapesworld") and path.is_dir():
         if not is_shapesworld(path):
@@ -71,32 +77,39 @@ def resolve_source(data: str, data_format: str, image_root: str | None, stage: i
 
 
 def _json_kind(path: Path) -> str:
-    """LLaVA files are a JSON list, COCO caption files a JSON object."""
+    """LLaVA files are a JSON list; COCO caption files and Karpathy split files (whose images carry
+    ``sentences``) are JSON objects."""
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):
         return "llava"
     if head.startswith(b"{"):
-        return "coco"
-    raise ValueError(f"{path}: neither a LLaVA JSON list nor a COCO captions JSON object")
+        return "karpathy" if b'"sentences"' in head or b'"sentids"' in head else "coco"
+    raise ValueError(f"{path}: not JSON training data; give {ACCEPTED}")
 
 
 class Conversations(Dataset):
     """A reader's items as training conversations; ``ds[i]`` is None for an unusable sample.
 
-    LLaVA items keep their conversations; COCO items give one sample per (image, reference caption),
-    asked with ``caption_prompt``. A sample whose image is unreadable (the reader returns None) or
-    whose conversation the collator cannot encode is skipped, counted in ``skipped`` and warned once.
+    LLaVA items keep their conversations; COCO and Karpathy items give one sample per (image, reference
+    caption), asked with ``caption_prompt``. A sample whose image is unreadable (the reader returns None) or
+    whose conversation the collator cannot encode is skipped, counted once in ``skipped`` however
+    often it is read (epochs, resume), and warned about (the first three).
     """
 
     def __init__(self, reader: Any, index: Sequence[tuple[int, int]], *, kind: str, collator: VLMCollator,
-                 caption_prompt: str) -> None:  # fmt: skip
+                 caption_prompt: str) -> None:
         self.reader = reader
         self.index = list(index)
         self.kind = kind
         self.collator = collator
         self.caption_prompt = caption_prompt
-        self.skipped = 0
+        self.skipped_indices: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct samples were skipped (in this process)."""
+        return len(self.skipped_indices)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -105,9 +118,9 @@ class Conversations(Dataset):
         record, caption = self.index[i]
         item = self.reader[record]
         if item is None or item.get("image") is None:
-            self.skipped += 1
+            self.skipped_indices.add(i)
             return None
-        if self.kind == "coco":
+        if self.kind in ("coco", "karpathy"):
             conversation = make_conversation(self.caption_prompt, item["captions"][caption])
         else:
             conversation = item["conversations"]
@@ -116,9 +129,9 @@ class Conversations(Dataset):
         except ConfigError:
             raise
         except (ValueError, KeyError, TypeError) as error:
-            self.skipped += 1
-            if self.skipped <= 3:
+            if i not in self.skipped_indices and self.skipped < 3:
                 log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
+            self.skipped_indices.add(i)
             return None
         return {"image": item["image"], "conversations": conversation}
 
@@ -133,22 +146,21 @@ def build_conversations(
     source: DataSource, *, image_size: int, collator: VLMCollator, caption_prompt: str
 ) -> Conversations:
     """The training samples of ``source`` with the train-time image transform."""
-    from dvd.data.transforms import image_transform
-
     transform = image_transform(image_size, train=True)
     if source.kind == "llava":
-        from dvd.data.instruct import LlavaInstruct
-
         reader: Any = LlavaInstruct(source.path, source.image_root, transform=transform)
         index = [(i, 0) for i, record in enumerate(reader.records) if record["paths"] is not None]
         text_only = len(reader) - len(index)
         if text_only:
             log.warning("%s: %d text-only conversations left out (one image per conversation)",
-                        source.path, text_only)  # fmt: skip
+                        source.path, text_only)
     else:
-        from dvd.data.captions import CocoCaptions
-
-        reader = CocoCaptions(source.path, source.image_root, transform=transform)
+        if source.kind == "karpathy":
+            reader = CocoCaptions(
+                None, source.image_root, transform=transform, karpathy_json=source.path, split=KARPATHY_TRAIN
+            )
+        else:
+            reader = CocoCaptions(source.path, source.image_root, transform=transform)
         index = [
             (i, k)
             for i, record in enumerate(reader.records)
@@ -170,6 +182,4 @@ def shapesworld_texts(root: str | Path) -> list[Path]:
 
 def shapesworld_tokenizer(root: str | Path) -> Any:
     """The small world's word-level tokenizer, built from all of its text (deterministic)."""
-    from dvd.models.vlm_tokenizer import build_tokenizer, texts_from_files
-
     return build_tokenizer(texts_from_files(shapesworld_texts(root)))

@@ -5,28 +5,26 @@ optimizer groups with a learning rate per part; the units FSDP shards.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from dvd.config import ConfigError
-from dvd.models.vlm import RECIPE_NAME, VisionLanguageModel, create_vlm, load_vlm
+from dvd.models.vlm import DvdVLM, VisionLanguageModel, create_vlm
 from dvd.models.vlm_conversation import get_template
-from dvd.train.loop import seed_everything
+from dvd.models.vlm_hf import HFLlava, llava_parts, load_hf_llava
+from dvd.models.vlm_io import RECIPE_NAME, load_vlm
+from dvd.train.rng import seed_everything
+from dvd.train.scratch import random_init_expected
+from dvd.train.vlm_config import DTYPES, VlmTrainConfig
 from dvd.train.vlm_data import DataSource, shapesworld_tokenizer
 
-if TYPE_CHECKING:
-    from dvd.train.vlm import VlmTrainConfig
-
 HF_LLAVA = "hf-llava:"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the demo's language model: a tiny random Llama (vocabulary size and special ids come from the tokenizer)
-TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-}  # fmt: skip
 PARTS = ("lm", "projector", "vision")  # the first group's lr is the one logged as train/lr
 
 
@@ -67,16 +65,17 @@ def build_vlm(
     dtype = DTYPES[cfg.lm_dtype] if cfg.lm_dtype else None
     seed_everything(cfg.seed)  # identical fresh weights on every rank and on resume
     if cfg.init is not None and cfg.init.startswith(HF_LLAVA):
-        from dvd.models.vlm_hf import load_hf_llava
-
         vlm: VisionLanguageModel = load_hf_llava(cfg.init[len(HF_LLAVA) :], dtype=dtype)
     elif cfg.init is not None:
         vlm = load_vlm(init_folder(cfg.init), dtype=dtype)
     else:
-        vlm = create_vlm(
-            cfg.vision, cfg.lm, tokenizer=load_tokenizer(cfg, source), template=cfg.template or "vicuna_v1",
-            vision_pretrained=cfg.vision_pretrained, feature_layer=cfg.feature_layer, lm_dtype=dtype,
-        )  # fmt: skip
+        quiet = random_init_expected() if cfg.vision_pretrained is None else contextlib.nullcontext()
+        with quiet:
+            vlm = create_vlm(
+                cfg.vision, cfg.lm, tokenizer=load_tokenizer(cfg, source),
+                template=cfg.template or "vicuna_v1", vision_pretrained=cfg.vision_pretrained,
+                feature_layer=cfg.feature_layer, lm_dtype=dtype,
+            )
     if cfg.template is not None:
         vlm.template = get_template(cfg.template)
     if cfg.grad_checkpointing:
@@ -99,11 +98,6 @@ def fsdp_units(vlm: VisionLanguageModel) -> list[nn.Module]:
     forward, and FSDP reshards everything after each of the attack's backward passes, so every
     parameter must belong to a unit that gathers itself when called.
     """
-    from open_clip.transformer import ResidualAttentionBlock
-
-    from dvd.models.vlm import DvdVLM
-    from dvd.models.vlm_hf import HFLlava, llava_parts
-
     names: set[str] = set()
     for module in vlm.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
@@ -124,9 +118,6 @@ def fsdp_units(vlm: VisionLanguageModel) -> list[nn.Module]:
 
 def lm_slot(vlm: VisionLanguageModel) -> tuple[nn.Module, str]:
     """(parent, attribute) holding the language model, where LoRA wraps it and merges it back."""
-    from dvd.models.vlm import DvdVLM
-    from dvd.models.vlm_hf import HFLlava
-
     if isinstance(vlm, DvdVLM):
         return vlm, "lm"
     if isinstance(vlm, HFLlava):
@@ -139,8 +130,6 @@ def lm_slot(vlm: VisionLanguageModel) -> tuple[nn.Module, str]:
 
 def add_lora(vlm: VisionLanguageModel, *, r: int, alpha: int, dropout: float, targets: list[str]) -> None:
     """Wrap the language model in ``peft`` LoRA adapters (only the adapters train)."""
-    from peft import LoraConfig, get_peft_model
-
     parent, name = lm_slot(vlm)
     lm = getattr(parent, name)
     is_causal = hasattr(lm, "get_output_embeddings") and lm.get_output_embeddings() is not None
@@ -148,7 +137,7 @@ def add_lora(vlm: VisionLanguageModel, *, r: int, alpha: int, dropout: float, ta
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, bias="none",
         task_type="CAUSAL_LM" if is_causal else None,
-    )  # fmt: skip
+    )
     setattr(parent, name, get_peft_model(lm, config))
 
 
@@ -195,7 +184,7 @@ def optimizer_groups(
             params = groups.get((part, decay))
             if params:
                 out.append({"params": params, "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0,
-                            "name": f"{part}{'' if decay else '_no_decay'}"})  # fmt: skip
+                            "name": f"{part}{'' if decay else '_no_decay'}"})
     if not out:
         raise ConfigError("nothing to train: every parameter is frozen")
     return out

@@ -22,7 +22,8 @@ from dvd.config import ConfigError
 from dvd.models.vlm_base import VisionLanguageModel
 from dvd.models.vlm_conversation import VLMBatch
 from dvd.train.attack import AttackSettings, run_pgd
-from dvd.train.loop import DistEnv, StepInfo, gathered
+from dvd.train.distributed import DistEnv, gathered
+from dvd.train.loop import StepInfo
 
 # ---------------------------------------------------------------------------------------------
 # what DDP / FSDP wraps
@@ -100,7 +101,7 @@ class InstructionLoss:
         return run_pgd(
             objective, images, model=self.vlm, settings=self.attack, steps=self.attack_steps,
             rank=self.env.rank, info=info,
-        )  # fmt: skip
+        )
 
     def __call__(self, batch: tuple[torch.Tensor, VLMBatch], info: StepInfo) -> dict[str, Any]:
         images, tokens = batch

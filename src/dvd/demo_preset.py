@@ -1,0 +1,138 @@
+"""What ``dvd demo`` runs and where it writes: the presets (``configs/demo/*.yaml``, found by scanning
+that folder, as open_clip finds its model configs), the models it trains, the folder layout and what
+the report takes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dvd.config import ConfigError, suggest
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+HIDDEN_PRESETS = ("test",)  # the tests' preset: valid, but not offered on the command line
+CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
+VLM_MODELS = ("clean-llava", "delta2-llava")
+VISION_TOWER = {"clean-llava": "clean-clip", "delta2-llava": "delta-clip"}  # the CLIP each VLM is built on
+# the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
+TARGET_CAPTION = "an image of four pink hearts."
+TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
+VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands' modules
+    "caption": "dvd.eval.captioning",
+    "vqa": "dvd.eval.vqa",
+    "pope": "dvd.eval.pope",
+    "targeted": "dvd.eval.targeted",
+}
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Everything the demo's stages take; ``quick`` is calibrated to show the paper's effect in minutes."""
+
+    name: str
+    seed: int = 0
+    # ShapesWorld
+    world_size: int = 10000
+    image_size: int = 32
+    eval_size: int = 200
+    instruct_size: int = 1000
+    # CLIP training: settings shared by the four recipes, then per recipe (dvd train clip keys)
+    clip_common: dict[str, Any] = field(default_factory=dict)
+    # an open_clip model config of the demo's own (written to OUT/configs/<clip_model_name>.json), or None
+    # to use ``clip_common["model"]`` as it is
+    clip_model_config: dict[str, Any] | None = None
+    clip_model_name: str = "dvd-demo-vit"
+    clip_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # evaluation: the same attack for every model
+    eps: tuple[str, ...] = ("2/255", "4/255")
+    zeroshot_attack: str = "apgd-ce"
+    zeroshot_steps: int = 100
+    zeroshot_limit: int = 100
+    retrieval_steps: int = 100
+    retrieval_limit: int = 100
+    # VLM (dvd train vlm keys), per stage; evaluation sizes
+    vlm_common: dict[str, Any] = field(default_factory=dict)
+    vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vlm_eval_limit: int = 20
+    vlm_eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
+    vlm_references: int = 5  # reference captions / answers each caption / VQA attack is run against
+    vlm_eval_steps: int = 20
+    targeted_limit: int = 5
+    targeted_steps: int = 100
+    example_steps: int = 100  # APGD steps of the report's example grid
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the stages' outputs depend on (a folder made with other settings is not reused)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
+
+
+def preset_names(directory: Path = PRESET_DIR) -> list[str]:
+    """The presets offered on the command line: every ``*.yaml`` in ``directory`` but the hidden ones."""
+    return sorted(p.stem for p in directory.glob("*.yaml") if p.stem not in HIDDEN_PRESETS)
+
+
+def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
+    """The preset ``directory/NAME.yaml``; unknown keys and names are one-line errors."""
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no demo presets in {directory}; run dvd demo from a dvd checkout")
+        raise ConfigError(f"unknown preset {name!r}{suggest(name, preset_names(directory))}")
+    values = yaml.safe_load(path.read_text()) or {}
+    hints = typing.get_type_hints(DemoPreset)
+    known = {f.name for f in dataclasses.fields(DemoPreset)} - {"name"}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in {path}{suggest(key, known)}")
+    for key, value in values.items():  # YAML lists -> the tuples the dataclass holds
+        if isinstance(value, list) and "tuple" in str(hints[key]):
+            values[key] = tuple(value)
+    return DemoPreset(name=name, **values)
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Where the demo in ``out`` keeps the world, the models and the result rows."""
+
+    out: Path
+
+    @property
+    def world(self) -> Path:
+        return self.out / "world"
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def final(self, name: str) -> Path:
+        return self.model_dir(name) / "final"
+
+    def results_file(self, task: str, model: str) -> Path:
+        return self.out / "results" / f"{task}-{model}.json"
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report takes besides the demo folder's files: plain values, not the running demo."""
+
+    layout: DemoLayout
+    preset: DemoPreset
+    device: str
+    include_vlm: bool
+    lanes: list[list[str]]  # the clean and the Δ chains of stages (``dvd demo --jobs 2``)
+
+    @property
+    def out(self) -> Path:
+        return self.layout.out
+
+    @property
+    def world(self) -> Path:
+        return self.layout.world
+
+    def final(self, name: str) -> Path:
+        return self.layout.final(name)
