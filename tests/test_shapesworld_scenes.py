@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -14,9 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dvd.data.shapesworld_captions import caption, captions, plural
+from dvd.data.shapesworld_captions import caption, captions, plural, pretrain_caption
 from dvd.data.shapesworld_formats import png_bytes
-from dvd.data.shapesworld_scenes import SPEC, Scene, render, render_array, sample_scene, scene_rng
+from dvd.data.shapesworld_scenes import (
+    NUMBER_WORDS,
+    SPEC,
+    Scene,
+    render,
+    render_array,
+    sample_scene,
+    scene_rng,
+)
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
@@ -64,6 +73,39 @@ def test_captions_name_the_main_shape_and_only_what_is_in_the_image(seed: int) -
         assert {c for c in SPEC.colors if c in words} <= present_colors, text
         assert {s for s in SPEC.shapes if s in words or plural(s) in words} <= present_shapes, text
         assert text[0].isupper() and text.endswith(".")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds)
+def test_hard_pretrain_captions_name_all_but_the_colour(seed: int) -> None:
+    rng = scene_rng(seed, 0, 0)
+    scene = sample_scene(rng)
+    text = pretrain_caption(scene, rng, dataclasses.replace(SPEC, hard_caption_prob=1.0))
+    noun = [scene.shape] if scene.count == 1 else [scene.shape, "shapes"]  # singular, as zero-shot prompts
+    number = {"a", "one"} if scene.count == 1 else {NUMBER_WORDS[scene.count]}
+    first, *rest = text.lower().rstrip(".").split()
+    assert first in number and rest == [scene.size, scene.texture, *noun], text  # no colour, no distractor
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds)
+def test_by_default_pretrain_captions_are_the_templates_drawn_from_the_same_generator(seed: int) -> None:
+    rng, again = scene_rng(seed, 0, 0), scene_rng(seed, 0, 0)
+    scene = sample_scene(rng)
+    sample_scene(again)
+    assert SPEC.hard_caption_prob == 0.0  # the world of earlier releases, byte for byte
+    assert pretrain_caption(scene, rng) == caption(scene, again)
+
+
+def test_hard_caption_prob_sets_the_share_of_captions_without_colour() -> None:
+    spec = dataclasses.replace(SPEC, hard_caption_prob=0.65)
+    hard = 0
+    for i in range(400):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        words = _words(pretrain_caption(scene, rng, spec))
+        hard += scene.size in words and scene.texture in words and not words & set(SPEC.colors)
+    assert 0.55 * 400 <= hard <= 0.75 * 400
 
 
 def test_fixed_attributes_are_respected_and_unknown_ones_refused() -> None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from dvd.data.shapesworld_scenes import NUMBER_WORDS, POSITION_PHRASES, Scene, SceneObject, pick
+from dvd.data.shapesworld_scenes import (
+    NUMBER_WORDS,
+    POSITION_PHRASES,
+    SPEC,
+    Scene,
+    SceneObject,
+    ShapesWorldSpec,
+    pick,
+)
 
 
 def plural(shape: str) -> str:
@@ -126,6 +134,15 @@ def _sentence(text: str) -> str:
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """One caption, from a random template."""
     return _sentence(pick(rng, CAPTION_TEMPLATES)(scene, rng))
+
+
+def pretrain_caption(scene: Scene, rng: np.random.Generator, spec: ShapesWorldSpec = SPEC) -> str:
+    """A pre-training caption; with ``spec.hard_caption_prob``, every attribute but the colour."""
+    if spec.hard_caption_prob > 0 and rng.random() < spec.hard_caption_prob:
+        # "two small solid star shapes": the shape word stays singular, as in the zero-shot prompts
+        noun = scene.shape if scene.count == 1 else f"{scene.shape} shapes"
+        return _sentence(_join(_number(scene.count, rng), scene.size, scene.texture, noun))
+    return caption(scene, rng)
 
 
 def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dvd.data.shapesworld_captions import caption, plural
+from dvd.data.shapesworld_captions import plural, pretrain_caption
 from dvd.data.shapesworld_scenes import (
     NUMBER_WORDS,
     SPEC,
@@ -204,7 +204,7 @@ def pretrain_samples(
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     for i in range(start, stop):
         scene, image, rng = scene_and_image(seed, PRETRAIN, i, image_size)
-        text = caption(scene, rng)
+        text = pretrain_caption(scene, rng)
         key = f"{i:08d}"
         meta = {**scene.to_json(), "caption": text, "key": key, "width": image_size, "height": image_size}
         yield key, {"png": png_bytes(image), "txt": text.encode(), "json": json_bytes(meta)}

@@ -99,6 +99,10 @@ class ShapesWorldSpec:
     )
     background_weights: tuple[float, ...] = (0.25, 0.15, 0.2, 0.2, 0.2)
     distractor_prob: float = 0.4
+    # share of pre-training captions that name every attribute but the colour (0: the templates only, the
+    # world of earlier releases): the contrastive loss is satisfied by colour unless some captions omit it
+    # (benchmarks/shapesworld_learnability.md)
+    hard_caption_prob: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
