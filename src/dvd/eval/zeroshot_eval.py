@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from dvd.eval.batching import evaluation_mode, stream_batches, total_samples
 from dvd.eval.results import ResultRow, eps_text, flag_rising_robustness, load_state, save_state, state_path
 from dvd.eval.samples import classification_records, writer_for
 from dvd.eval.spec import EvalSpec
+from dvd.eval.zeroshot_carry import Carry, Outcome, merge
 from dvd.eval.zeroshot_classifier import (
     ZeroShotClassifier,
     ZeroShotData,
@@ -41,6 +42,7 @@ def evaluate_zeroshot(
     text_batch_size: int = 256,
     workers: int = 0,
     eot: int | None = None,
+    carry_over: bool = True,
     **settings: Any,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``spec.eps_list``.
@@ -52,7 +54,8 @@ def evaluate_zeroshot(
     carry ``masking_checks_skipped``). With ``spec.state_dir``, the per-sample results are saved after every
     batch and a rerun resumes. ``eot`` averages the attacks' gradients over that many draws (None: only for
     a randomised model). ``spec.save_samples``: a directory for per-sample records and adversarial images
-    (:mod:`dvd.eval.samples`).
+    (:mod:`dvd.eval.samples`). Budgets are evaluated in ascending order; with ``carry_over`` a sample not
+    robust at a smaller eps is not attacked again at a larger one (:mod:`dvd.eval.zeroshot_carry`).
     """
     spec = EvalSpec.of(
         spec,
@@ -63,7 +66,7 @@ def evaluate_zeroshot(
         dataset_name=data.name,
     )
     attacks = resolve_attacks(spec.attack)
-    budgets = [0.0] if spec.attack == "none" else [float(e) for e in spec.eps_list]
+    budgets = [0.0] if spec.attack == "none" else sorted({float(e) for e in spec.eps_list})
     if not budgets:
         raise ConfigError("empty eps list; give at least one budget, e.g. --eps 4/255")
     if len(data.classnames) <= 2 and {"apgd-t", "fab-t"} & set(attacks):
@@ -75,6 +78,7 @@ def evaluate_zeroshot(
         )
         fingerprint = classifier_fingerprint(classifier)
         rows = []
+        carry, carried_from = None, None
         for eps in budgets:
             run = _Budget(
                 classifier=classifier,
@@ -88,8 +92,12 @@ def evaluate_zeroshot(
                 check=check,
                 fingerprint=fingerprint,
                 eot=eot,
+                carry=carry if carry_over and eps > 0 else None,
+                carried_from=carried_from if carry_over and eps > 0 else None,
             )
             rows.append(run.evaluate(spec.state_dir))
+            if eps > 0:
+                carry, carried_from = run.next_carry, eps
     flag_rising_robustness(rows)
     return rows
 
@@ -109,6 +117,9 @@ class _Budget:
     workers: int
     fingerprint: str
     eot: int | None = None
+    carry: Carry | None = None  # the samples of the next smaller budget (None: attack every sample)
+    carried_from: float | None = None
+    next_carry: Carry = field(default_factory=Carry)  # this budget's samples, for the next larger one
 
     def _save(self, start: int, labels: torch.Tensor, clean: torch.Tensor, adversarial: Any = None,
               attack_of: Any = None, loss: Any = None, images: torch.Tensor | None = None) -> None:
@@ -119,6 +130,11 @@ class _Budget:
             names = self.classifier.classnames
             writer.write(classification_records(start, labels, clean, adversarial, attack_of, loss, names),
                          images)
+
+    def _save_outcome(self, start: int, labels: torch.Tensor, outcome: Outcome) -> None:
+        if self.spec.save_samples is not None:
+            self._save(start, labels, outcome.predicted, outcome.attacked, outcome.broken_by, outcome.loss,
+                       outcome.adversarial)
 
     @property
     def key(self) -> dict[str, Any]:
@@ -138,6 +154,7 @@ class _Budget:
             "check": self.check,
             "fingerprint": self.fingerprint,
             "eot": self.eot,
+            "carried_from": self.carried_from,
         }
 
     def state_path(self, state_dir: str | Path | None) -> Path | None:
@@ -158,6 +175,8 @@ class _Budget:
         state = load_state(path, self.key)
         clean: list[bool] = state["clean"]
         robust: list[bool] = state["robust"]
+        state.setdefault("labels", [])
+        state.setdefault("broken_by", [])
         flags: set[str] = set(state["flags"])
         if not self.check and self.eps > 0:
             flags.add("masking_checks_skipped")
@@ -184,12 +203,13 @@ class _Budget:
                 tick = time.perf_counter()
                 if len(labels):
                     images, labels = images.to(device), labels.to(device)
-                    clean_correct, robust_correct, batch_flags = self._evaluate_batch(
-                        images, labels, position
-                    )
-                    clean += clean_correct.tolist()
-                    robust += robust_correct.tolist() if robust_correct is not None else []
-                    flags.update(batch_flags)
+                    index = list(range(len(clean), len(clean) + len(labels)))
+                    outcome = self._evaluate_batch(images, labels, position, index)
+                    clean += outcome.clean.tolist()
+                    robust += outcome.robust.tolist() if self.eps > 0 else []
+                    flags.update(outcome.flags)
+                    state["labels"] += labels.tolist()
+                    state["broken_by"] += outcome.broken_by
                 state.update(clean=clean, robust=robust, flags=sorted(flags), position=next_position)
                 state["skipped"] += next_position - position - len(labels)
                 state["seconds"] += time.perf_counter() - tick
@@ -202,6 +222,9 @@ class _Budget:
             state["finished"] = True
             save_state(path, state)
         bar.close()
+        if self.eps > 0 and len(self.next_carry.robust) != len(robust):  # resumed: carry what the state has
+            records = self.next_carry.records
+            self.next_carry = Carry(state["labels"], clean, robust, state["broken_by"], records)
         if not clean:
             name = self.spec.dataset_name
             raise ValueError(f"{name} yielded no samples; check the dataset directory and split")
@@ -220,8 +243,9 @@ class _Budget:
         )
 
     def _evaluate_batch(
-        self, images: torch.Tensor, labels: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, set[str]]:
+        self, images: torch.Tensor, labels: torch.Tensor, start: int, index: list[int]
+    ) -> Outcome:
+        """The batch's outcome; ``index`` numbers its samples in evaluation order (for the carry-over)."""
         if self.eps == 0:
             autocast = (
                 torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
@@ -229,10 +253,26 @@ class _Budget:
             with torch.no_grad(), autocast:
                 predicted = self.classifier(images).argmax(dim=1)
             self._save(start, labels, predicted)
-            return (predicted == labels).cpu(), None, set()
-        seed = self.spec.seed + start  # per-batch seed from the sample offset: a resumed run draws the same
-        if self.attack == "pgd":
-            return self._pgd(images, labels, seed, start)
+            return Outcome((predicted == labels).cpu(), torch.empty(0), set(), [None] * len(labels))
+        need_records = self.spec.save_samples is not None
+        keep = [False] * len(labels)
+        if self.carry is not None:
+            keep = self.carry.carried(index, labels, need_records=need_records)
+        todo = [j for j, k in enumerate(keep) if not k]
+        attacked = None
+        if todo:
+            seed = self.spec.seed + start  # per-batch seed from the sample offset: a resumed run draws alike
+            attack = self._pgd if self.attack == "pgd" else self._robustness
+            attacked = attack(images[todo], labels[todo], seed)
+        outcome = attacked if attacked is not None and not any(keep) else merge(
+            self.carry or Carry(), index, keep, attacked, images.device
+        )
+        self._save_outcome(start, labels, outcome)
+        self.next_carry.remember(index, labels, outcome)
+        return outcome
+
+    def _robustness(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Outcome:
+        """dvd's attack ensemble (AutoAttack's protocol) on the batch."""
         result = attack_library.evaluate_robustness(
             self.classifier,
             images,
@@ -246,15 +286,20 @@ class _Budget:
             check=self.check,
             eot=self.eot,
         )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
+        outcome = Outcome(
+            result.clean_score.cpu(),
+            result.robust_score.cpu(),
+            set(_flag_names(result.flags)),
+            list(result.attack_of) or [None] * len(labels),
+        )
         if self.spec.save_samples is not None:
             with torch.no_grad():
                 clean, attacked = (self.classifier(x).argmax(dim=1) for x in (images, result.adversarial))
-            self._save(start, labels, clean, attacked, result.attack_of, result.loss, result.adversarial)
-        return result.clean_score.cpu(), result.robust_score.cpu(), set(_flag_names(result.flags))
+            outcome.predicted, outcome.attacked = clean, attacked
+            outcome.loss, outcome.adversarial = result.loss, result.adversarial
+        return outcome
 
-    def _pgd(
-        self, images: torch.Tensor, labels: torch.Tensor, seed: int, start: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+    def _pgd(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Outcome:
         """Plain L-inf PGD on the cross-entropy (step 2.5 eps / steps) of the clean-correct samples."""
         with torch.no_grad():
             clean = self.classifier(images).argmax(dim=1) == labels
@@ -275,12 +320,15 @@ class _Budget:
             with torch.no_grad():  # judged in fp32 whatever precision the attack ran in
                 robust[index] = self.classifier(found.adversarial).argmax(dim=1) == labels[index]
             adversarial[index], loss[index] = found.adversarial, found.loss.float()
+        attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
+        # the checks belong to the ensemble
+        outcome = Outcome(clean.cpu(), robust.cpu(), {"masking_checks_skipped"}, attack_of)
         if self.spec.save_samples is not None:
             with torch.no_grad():
                 before, after = (self.classifier(x).argmax(dim=1) for x in (images, adversarial))
-            attack_of = ["pgd" if b else None for b in (clean & ~robust).tolist()]
-            self._save(start, labels, before, after, attack_of, loss, adversarial)
-        return clean.cpu(), robust.cpu(), {"masking_checks_skipped"}  # the checks belong to the ensemble
+            outcome.predicted, outcome.attacked = before, after
+            outcome.loss, outcome.adversarial = loss, adversarial
+        return outcome
 
 
 def _flag_names(flags: Any) -> list[str]:
