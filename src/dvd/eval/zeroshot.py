@@ -78,6 +78,11 @@ def cli(argv: Sequence[str]) -> int:
         "--attack-precision", default=None, choices=("bf16", "fp16"), help="AMP inside the attack"
     )
     parser.add_argument("--workers", default="0", help="DataLoader workers")
+    parser.add_argument(
+        "--no-carry-over",
+        action="store_true",
+        help="attack every sample at every budget (default: one already broken at a smaller eps is not)",
+    )
     args = parser.parse_args(list(argv))
     if args.protocol is not None:
         return run_protocol(args)
@@ -92,6 +97,7 @@ def cli(argv: Sequence[str]) -> int:
         found = resolve_datasets(dataset, transform=transform, root=args.dataset_root, split=args.split)
         for name, data in found:
             spec = common.spec.replace(dataset_name=name)
-            rows = evaluate_zeroshot(model, data, spec, workers=workers, eot=eot)
+            carry_over = not args.no_carry_over
+            rows = evaluate_zeroshot(model, data, spec, workers=workers, eot=eot, carry_over=carry_over)
             all_rows += write_marked(common.out, rows, common.checkpoint)
     return finish(all_rows, common.out, common.state_dir)  # every (dataset, eps) of this run is in the file
