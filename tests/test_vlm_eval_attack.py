@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dvd.eval import vlm_attack as va
+from dvd.eval import vlm_ensemble
 from dvd.eval.captioning import CiderScorer, caption_scores, cider_per_image
 from dvd.eval.targeted import canonical_target, target_outcome
 from dvd.eval.vqa import ranked_answers
@@ -114,7 +115,7 @@ def test_the_ensemble_attacks_only_unbroken_samples_and_aims_the_final_stage_at_
         calls.append((list(answers), kwargs["precision"], kwargs["targeted"]))
         return images + len(calls)  # attack k "writes" cap{k}
 
-    monkeypatch.setattr(va, "attack_answers", scripted_attack)
+    monkeypatch.setattr(vlm_ensemble, "attack_answers", scripted_attack)
     table = {  # per sample, the score of each caption
         0: {"cap0": 1.0, "cap1": 0.9, "cap2": 0.3, "cap3": 0.8, "cap4": 0.2},
         1: {"cap0": 1.0, "cap1": 0.05},  # broken by the first attack

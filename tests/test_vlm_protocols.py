@@ -4,6 +4,7 @@ and the protocol are recorded in the rows; the Flickr30k (Karpathy) and TextVQA 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dvd.data.transforms import image_transform
 from dvd.eval import captioning, targeted, vqa
 from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow, read_rows
+from dvd.eval.spec import EvalSpec
 from dvd.eval.targeted import target_outcome
 from dvd.models.vlm import build_tokenizer, create_vlm
 from dvd.models.vlm_io import save_vlm
@@ -62,7 +64,9 @@ def capture(monkeypatch, module, name):
     calls = []
 
     def fake(model, data, *args, **kwargs):
-        calls.append({"data": data, "args": args, **kwargs})
+        specs = [a for a in args if isinstance(a, EvalSpec)]  # the common settings, as keywords
+        settings = dataclasses.asdict(specs[0]) if specs else {}
+        calls.append({"data": data, "args": [a for a in args if a not in specs], **settings, **kwargs})
         return []
 
     monkeypatch.setattr(module, name, fake)

@@ -20,10 +20,16 @@ from typing import Any
 
 import torch
 
+from dvd.attacks import evaluate_robustness
 from dvd.config import ConfigError, parse_eps, positive_int
+from dvd.data.image_text import ShardStream
 from dvd.data.transforms import decode_image, image_transform
 from dvd.data.zeroshot import IMAGE_EXTENSIONS
+from dvd.eval import vlm_attack as va
+from dvd.eval.batching import evaluation_mode
 from dvd.eval.samples import SampleWriter
+from dvd.eval.zeroshot_classifier import ZeroShotClassifier, resolve_attacks
+from dvd.models.clip import create_clip
 
 DEFAULT_TEMPLATE = "a photo of a {c}."
 
@@ -45,8 +51,6 @@ def read_images(
         return
     if ".tar" not in source:
         raise FileNotFoundError(f"{source} is neither a folder of images nor webdataset .tar shard(s)")
-    from dvd.data.image_text import ShardStream
-
     stream = ShardStream(source, transform=transform, target=lambda sample: sample["__key__"],
                          split_by_node=False)
     for image, key in stream:
@@ -69,10 +73,6 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def attack_clip(args: argparse.Namespace, eps: float, writer: SampleWriter) -> int:
     """Zero-shot classification over ``--labels``: dvd's ensemble; returns how many predictions changed."""
-    from dvd.attacks import evaluate_robustness
-    from dvd.eval.zeroshot import ZeroShotClassifier, evaluation_mode, resolve_attacks
-    from dvd.models.clip import create_clip
-
     labels = [name.strip() for name in args.labels.split(",") if name.strip()]
     if len(labels) < 2:
         raise ConfigError("--labels needs at least two comma-separated class names for a CLIP")
@@ -106,9 +106,6 @@ def attack_clip(args: argparse.Namespace, eps: float, writer: SampleWriter) -> i
 
 def attack_vlm(args: argparse.Namespace, eps: float, writer: SampleWriter) -> int:
     """APGD on a VLM's answer NLL (untargeted) or a target's (targeted); returns how many outputs changed."""
-    from dvd.eval import vlm_attack as va
-    from dvd.eval.zeroshot import evaluation_mode
-
     model = va.load_model(args.vlm, device=args.device)
     changed = 0
     generator = torch.Generator(device=model.device).manual_seed(args.seed)

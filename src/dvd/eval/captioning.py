@@ -1,294 +1,31 @@
-"""Captioning metric: corpus CIDEr-D as the COCO caption evaluation computes it.
+"""``dvd eval caption``: corpus CIDEr of a VLM's greedy captions, clean and under the worst-case ensemble.
 
-The COCO evaluation first runs Stanford's PTBTokenizer (Java, ``-lowerCase``) over every caption and
-drops punctuation tokens, then scores with CIDEr-D (n-grams 1..4, tf-idf with document frequencies from
-the references of the evaluated corpus, clipped cosine similarity, Gaussian length penalty sigma=6,
-times 10). :func:`ptb_tokenize` reproduces that tokenisation in Python, so no Java is needed.
+The metric (COCO's PTB tokenisation and CIDEr-D) is :mod:`dvd.eval.cider`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dvd.config import ConfigError, positive_int
+from dvd.data.captions import CocoCaptions
+from dvd.data.transforms import image_transform
+from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
+from dvd.eval.cider import CiderScorer, cider, cider_per_image, ptb_tokenize
 from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
+from dvd.io import read_json
 from dvd.models.llava_preprocess import model_transform
-
-if TYPE_CHECKING:
-    from dvd.models.vlm_base import VisionLanguageModel
+from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["CiderScorer", "cider", "cider_per_image", "evaluate_captioning", "ptb_tokenize"]
-
-# Tokens the COCO evaluation removes after PTB tokenisation (PTB spellings of quotes, dashes, periods...).
-_DROPPED = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
-_SYMBOLS = {'"': "''", "(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-# Words PTB splits in two.
-_SPLIT_WORDS = {
-    "cannot": ("can", "not"),
-    "gonna": ("gon", "na"),
-    "gotta": ("got", "ta"),
-    "wanna": ("wan", "na"),
-    "lemme": ("lem", "me"),
-    "gimme": ("gim", "me"),
-}
-# Abbreviations whose final period stays attached (PTB 3.4.1's hand-made WSJ lists, checked against the jar).
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr drs prof profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj sgt cpl"
-    " pvt mt capt st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det mme mlle jr sr bros blvd"
-    " rd esq inc co cos corp pty ptys mfg mtg ltd plc bancorp dept bhd assn univ intl sys invt elec natl etc"
-    " al seq vs wm jos cie cf treas alex ph ph.d jan feb mar apr jun jul aug sep sept oct nov dec mon tue"
-    " tues wed thu thurs fri ala ariz calif colo conn fla ga ind kan kans ky md mich minn mo mont neb nev"
-    " okla penn tenn va vt wis wyo ft sq est".split()
-)
-# ... and those that are abbreviations only when capitalised (otherwise they are ordinary words).
-_CAPITALISED_ABBREVIATIONS = frozenset("miss ark del ill la mass ore pa tex wash m".split())
-_ACRONYM = re.compile(r"[A-Za-z](?:\.[A-Za-z])+")
-# After an initial ("X."), these capitalised words start a new sentence, so PTB splits the period off.
-_SENTENCE_STARTERS = frozenset(
-    "the a an this it he she we they in there but then that these her our their what when if as at one some"
-    " many so while after now here however yet since such other last you once earlier".split()
-)
-_NEXT_WORD = re.compile(r"\s+(M[rsRS]\.(?![^\W_])|[A-Za-z]+(?=\s|$))")
-_UNICODE = str.maketrans(
-    {
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u2013": "--",
-        "\u2014": "--",
-        "\u00a0": " ",
-        "\n": " ",
-        "\r": " ",
-        "\t": " ",
-    }
-)
-_W = r"[^\W_]"  # a letter or digit (any script)
-_LEXER = re.compile(
-    rf"""
-      (?P<space>\s+)
-    | (?P<bracket>-(?i:lrb|rrb|lsb|rsb|lcb|rcb)-)             # already PTB-tokenised brackets
-    | (?P<clitic>'(?i:n')|'(?i:s|re|ve|ll|d|m|em|n)(?!{_W}))  # split-off clitic: "man 's", "'n'"
-    | (?P<decade>'[2-9]0s(?!{_W}))                           # '90s
-    | (?P<fraction>\d{{1,4}}[ ]\d{{1,4}}/\d{{1,4}})  # "2 1/2": one token, no-break space inside
-    | (?P<dashes>--+)
-    | (?P<signed>-\d+(?:[.,:]\d+)*)                          # -2, -3.5 (letters after it split off)
-    | (?P<amp>[A-Z]+(?:&[A-Z]+)+(?!{_W}))                    # AT&T
-    | (?P<word>{_W}+(?:(?:[-/.]|(?<=\d)[,:](?=\d)|'(?![nN]'|[nN](?!{_W}))(?={_W})){_W}+)*)
-    | (?P<decimal>\.\d+)                                     # .5
-    | (?P<periods>\.+)
-    | (?P<marks>[!?]+)
-    | (?P<tag>[#@][^\W\d_]{_W}*)                             # #tag, @name
-    | (?P<other>.)
-    """,
-    re.VERBOSE,
-)
-_NUMBER_THEN_LETTERS = re.compile(r"\d+(?:[.,:]\d+)+(?=[^\W\d_])")
-_CLITIC_SUFFIX = re.compile(r"(?i)(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
-
-
-def _keeps_period(word: str, text: str, end: int) -> bool:
-    """Whether PTB keeps the period after ``word`` (``text[end] == '.'``) as part of the token."""
-    lower = word.lower()
-    if _ACRONYM.fullmatch(word) or lower in _ABBREVIATIONS:
-        return True
-    if lower in _CAPITALISED_ABBREVIATIONS and word[0].isupper():
-        return True
-    if len(word) == 1 and word.isascii() and word.isalpha():  # an initial, unless a sentence starts next
-        if (m := _NEXT_WORD.match(text, end + 1)) is None:
-            return True
-        following = m.group(1)
-        if following.endswith("."):
-            return following not in ("Mr.", "MR.", "Ms.")
-        return not (following.lower() in _SENTENCE_STARTERS and (following.istitle() or following.isupper()))
-    return False
-
-
-def _split_clitics(word: str) -> list[str]:
-    """``don't`` -> ``do n't``, ``man's`` -> ``man 's``, ``cannot`` -> ``can not`` (PTB conventions)."""
-    if word.lower() in _SPLIT_WORDS:
-        first, second = _SPLIT_WORDS[word.lower()]
-        return [word[: len(first)], word[len(first) :]]
-    tail: list[str] = []
-    while (m := _CLITIC_SUFFIX.fullmatch(word)) is not None:
-        word, tail = m.group(1), [m.group(2), *tail]
-    return [word, *tail]
-
-
-def ptb_tokenize(text: str) -> str:
-    """Tokenise one caption like the COCO evaluation (PTBTokenizer -lowerCase, punctuation dropped).
-
-    Returns the tokens joined by single spaces. Matches the Stanford CoreNLP 3.4.1 jar that the COCO
-    evaluation runs on caption-like text (words, numbers, contractions, abbreviations and initials, hyphens,
-    quotes, brackets, symbols; checked against the jar on fuzzed captions in the tests). Brackets stay as
-    ``-lrb-`` etc. and "2 1/2" as one token, as there. Known differences, all rare in captions: emoticons
-    (``:)``), ``y'all``, ``'tis``, ``3p.m.``, all-caps company abbreviations (``MFG.``).
-    """
-    text = text.translate(_UNICODE)
-    tokens: list[str] = []
-    pos = 0
-    while pos < len(text):
-        m = _LEXER.match(text, pos)
-        assert m is not None  # the `other` alternative matches any character
-        kind, token, pos = m.lastgroup, m.group(), m.end()
-        if kind in ("space", "periods", "dashes"):  # PTB splits these runs into tokens that are all dropped
-            continue
-        if kind == "word":
-            if (num := _NUMBER_THEN_LETTERS.match(token)) is not None:  # "5.5m" -> "5.5 m"
-                token, pos = num.group(), m.start() + num.end()
-            elif text.startswith(".", pos) and _keeps_period(token, text, pos):
-                tokens.append(token + ".")
-                pos += 1
-                continue
-            elif token in ("d", "D", "l", "L", "j", "J") and text.startswith("'", pos):  # elision: d', l'
-                tokens.append(token + "'")
-                pos += 1
-                continue
-            tokens.extend(_split_clitics(token))
-        elif kind == "fraction":
-            tokens.append(token.replace(" ", "\u00a0"))
-        elif kind == "other":
-            tokens.append(_SYMBOLS.get(token, token))
-        else:
-            tokens.append(token)
-    return " ".join(t for t in (t.lower() for t in tokens) if t not in _DROPPED)
-
-
-def _ngram_counts(tokens: list[str], n: int) -> list[Counter[tuple[str, ...]]]:
-    """Term frequencies of the 1..n-grams of a token list, one Counter per order."""
-    return [Counter(tuple(tokens[i : i + k]) for i in range(len(tokens) - k + 1)) for k in range(1, n + 1)]
-
-
-class _TfIdf:
-    """tf-idf vectors (one sparse dict per n-gram order) with their L2 norms."""
-
-    __slots__ = ("vectors", "norms", "length")
-
-    def __init__(self, tokens: list[str], n: int, idf: Mapping[tuple[str, ...], float], default: float):
-        counts = _ngram_counts(tokens, n)
-        self.vectors = [{g: tf * idf.get(g, default) for g, tf in c.items()} for c in counts]
-        self.norms = [math.sqrt(sum(w * w for w in v.values())) for v in self.vectors]
-        # The COCO code counts bigrams (len - 1) instead; the difference of two lengths is the same unless a
-        # caption is empty, and an empty caption's similarity is 0 whatever the penalty.
-        self.length = len(tokens)
-
-
-def _similarity(hyp: _TfIdf, ref: _TfIdf, sigma: float) -> float:
-    """Sum over n-gram orders of the clipped cosine similarity times the Gaussian length penalty."""
-    penalty = math.exp(-((hyp.length - ref.length) ** 2) / (2 * sigma**2))
-    total = 0.0
-    for h, r, hn, rn in zip(hyp.vectors, ref.vectors, hyp.norms, ref.norms, strict=True):
-        if hn == 0 or rn == 0:
-            continue  # all weights are >= 0, so the dot product is 0 as well
-        dot = sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)  # CIDEr-D clipping
-        total += dot / (hn * rn)
-    return total * penalty
-
-
-class CiderScorer:
-    """CIDEr-D of single captions against a fixed corpus of references (the idf is computed once).
-
-    ``scorer(key, caption)`` equals ``cider_per_image(references, candidates)[key]`` for any candidates
-    over the same images: the document frequencies depend on the references only. Used to pick, per
-    image, the worst attacked caption while an evaluation is still running.
-    """
-
-    def __init__(
-        self,
-        references: Mapping[Hashable, Sequence[str]],
-        *,
-        n: int = 4,
-        sigma: float = 6.0,
-        tokenize: bool = True,
-    ) -> None:
-        if not references:
-            raise ValueError("cider: no candidates; pass at least one image id -> caption")
-        if n < 1 or sigma <= 0:
-            raise ValueError(f"cider: need n >= 1 and sigma > 0, got n={n}, sigma={sigma}")
-        self.n, self.sigma, self.tokenize = n, sigma, tokenize
-        refs_tokens: dict[Hashable, list[list[str]]] = {}
-        for key, refs in references.items():
-            if isinstance(refs, str) or len(refs) == 0:
-                raise ValueError(f"cider: image {key!r} needs a non-empty list of reference captions")
-            refs_tokens[key] = [self._words(r) for r in refs]
-        # Document frequency: in how many images' reference sets each n-gram occurs.
-        document_frequency: Counter[tuple[str, ...]] = Counter()
-        for refs in refs_tokens.values():
-            document_frequency.update({g for r in refs for c in _ngram_counts(r, n) for g in c})
-        self._log_images = math.log(len(references))
-        self._idf = {g: self._log_images - math.log(df) for g, df in document_frequency.items()}  # df >= 1
-        # An n-gram absent from every reference gets df = 1 (log 1 = 0), as in the COCO code.
-        self._references = {
-            key: [_TfIdf(r, n, self._idf, self._log_images) for r in refs]
-            for key, refs in refs_tokens.items()
-        }
-
-    def _words(self, text: str) -> list[str]:
-        if not isinstance(text, str):
-            raise ValueError(f"cider: captions must be strings, got {type(text).__name__} ({text!r:.60})")
-        return (ptb_tokenize(text) if self.tokenize else text).split()
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._references
-
-    def __call__(self, key: Hashable, caption: str) -> float:
-        """CIDEr-D of ``caption`` for image ``key`` (mean over n-gram orders and references, times 10)."""
-        refs = self._references[key]
-        hyp = _TfIdf(self._words(caption), self.n, self._idf, self._log_images)
-        total = sum(_similarity(hyp, ref, self.sigma) for ref in refs)
-        return 10.0 * total / (self.n * len(refs))
-
-
-def cider_per_image(
-    references: Mapping[Hashable, Sequence[str]],
-    candidates: Mapping[Hashable, str],
-    *,
-    n: int = 4,
-    sigma: float = 6.0,
-    tokenize: bool = True,
-) -> dict[Hashable, float]:
-    """CIDEr-D of every candidate caption against its image's references, within this corpus.
-
-    Document frequencies (the idf) come from the references of exactly these images, as in the COCO
-    evaluation, so a score depends on the whole corpus. ``tokenize=False`` takes the text as already
-    tokenised (split on whitespace only).
-    """
-    if not candidates:
-        raise ValueError("cider: no candidates; pass at least one image id -> caption")
-    if set(references) != set(candidates):
-        missing = [k for k in candidates if k not in references][:3]
-        extra = [k for k in references if k not in candidates][:3]
-        raise ValueError(
-            f"cider: references and candidates must have the same image ids "
-            f"(no references for {missing}, no candidate for {extra})"
-        )
-    scorer = CiderScorer({k: references[k] for k in candidates}, n=n, sigma=sigma, tokenize=tokenize)
-    return {key: scorer(key, caption) for key, caption in candidates.items()}
-
-
-def cider(
-    references: Mapping[Hashable, Sequence[str]],
-    candidates: Mapping[Hashable, str],
-    *,
-    n: int = 4,
-    sigma: float = 6.0,
-    tokenize: bool = True,
-) -> float:
-    """Corpus CIDEr-D (the number COCO reports, not times 100): the mean of :func:`cider_per_image`."""
-    scores = cider_per_image(references, candidates, n=n, sigma=sigma, tokenize=tokenize)
-    return sum(scores.values()) / len(scores)
-
-
-# ------------------------------------------------------------------------------ dvd eval caption
 
 DEFAULT_PROMPT = "Provide a short caption for this image."  # LLaVA-1.5's COCO caption prompt in RobustVLM
 CAPTION_ATTACKS = ("ensemble", "apgd", "none")
@@ -299,8 +36,6 @@ SHORT_ANSWER_MARK = "single word or phrase"  # LLaVA's VQA suffix: those prompts
 def instruct_caption_prompt(instruct_json: str | Path) -> str | None:
     """The most frequent free-form prompt of a LLaVA instruction file whose answers are sentences (> 3
     words), i.e. the caption prompt the model was tuned with; None if there is none."""
-    from dvd.io import read_json
-
     counts: Counter[str] = Counter()
     for entry in read_json(instruct_json):
         turns = entry.get("conversations", []) if isinstance(entry, dict) else []
@@ -326,9 +61,6 @@ class CaptionSource:
 
     def load(self, image_size: int, transform: Any = None) -> Any:
         """The reader; ``transform`` (e.g. the model's own LLaVA preprocessing) or open_clip's."""
-        from dvd.data.captions import CocoCaptions
-        from dvd.data.transforms import image_transform
-
         return CocoCaptions(
             self.annotations,
             self.images,
@@ -353,8 +85,6 @@ def add_caption_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def caption_source(args: argparse.Namespace) -> CaptionSource:
     """The caption data named on the command line, its files checked to exist."""
-    from dvd.config import ConfigError
-
     if args.data is not None:
         root = Path(args.data)
         if not (root / "captions" / "annotations.json").is_file():
@@ -412,87 +142,51 @@ class _Captioning:
 def evaluate_captioning(
     model: VisionLanguageModel,
     data: Any,
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float],
-    attack: str = "ensemble",
-    steps: int = 100,
     n_references: int = 5,
-    precision: str = "auto",
     broken_at: float = 0.1,
     prompt: str = DEFAULT_PROMPT,
-    max_new_tokens: int = 20,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "coco",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
-    save_samples: str | Path | None = None,
+    **settings: Any,
 ) -> list[ResultRow]:
     """Corpus CIDEr of greedy captions, clean and under attack, one row per budget (eps 0: clean only).
 
-    ``data`` is a :class:`dvd.data.captions.CocoCaptions`. ``attack="ensemble"`` is the paper's protocol
-    (:mod:`dvd.eval.vlm_attack`: APGD against each of ``n_references`` reference captions in
-    ``precision``, then fp32 against the best one, keeping each image's lowest-CIDEr caption; images at
-    CIDEr <= ``broken_at`` are not attacked further); ``"apgd"`` is one fp32 APGD on the first reference.
-    With ``state_dir`` the evaluation saves its outputs after every batch and a rerun resumes.
+    ``data`` is a :class:`dvd.data.captions.CocoCaptions`; ``spec`` (or its fields as keywords) the common
+    settings. ``attack="ensemble"`` (default) is the paper's protocol (:mod:`dvd.eval.vlm_ensemble`: APGD
+    against each of ``n_references`` reference captions in ``spec.precision``, then fp32 against the best
+    one, keeping each image's lowest-CIDEr caption; images at CIDEr <= ``broken_at`` are not attacked
+    further); ``"apgd"`` is one fp32 APGD on the first reference. With ``spec.state_dir`` the evaluation
+    saves its outputs after every batch and a rerun resumes.
     """
-    from dvd.eval import vlm_attack as va
-
-    if attack not in CAPTION_ATTACKS:
-        raise ValueError(f"unknown caption attack {attack!r}; choose from {', '.join(CAPTION_ATTACKS)}")
-    end = len(data) if limit is None else min(limit, len(data))
+    defaults = {**VLM_DEFAULTS, "attack": "ensemble", "dataset_name": "coco", "max_new_tokens": 20}
+    spec = EvalSpec.of(spec, settings, **defaults)
+    if spec.attack not in CAPTION_ATTACKS:
+        raise ValueError(f"unknown caption attack {spec.attack!r}; choose from {', '.join(CAPTION_ATTACKS)}")
+    end = len(data) if spec.limit is None else min(spec.limit, len(data))
     references = {i: list(data.records[i]["fields"]["captions"]) for i in range(end)}
     task = _Captioning(prompt, references, CiderScorer(references))  # the corpus idf, known up front
+    precision = va.resolve_precision(spec.precision, model.device)
     stages = {
-        "ensemble": va.ensemble_stages(n_references, precision=va.resolve_precision(precision, model.device)),
+        "ensemble": va.ensemble_stages(n_references, precision=precision),
         "apgd": [va.Stage("ref0-fp32")],
         "none": [],
-    }[attack]
+    }[spec.attack]
     budgets = va.evaluate_outputs(
         model,
         data,
         task,
+        spec=spec,
         task_name="caption",
-        eps_list=[0.0] if attack == "none" else eps_list,
-        attack=ATTACK_NAMES[attack],
+        attack=ATTACK_NAMES[spec.attack],
         stages=stages,
-        steps=steps,
         broken_at=broken_at,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=progress,
+        max_new_tokens=spec.max_new_tokens,
         settings={"prompt": prompt},
-        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
         clean, adversarial = caption_scores(references, budget.samples)
-        rows.append(
-            ResultRow(
-                model=model_name,
-                task="caption",
-                dataset=dataset_name,
-                metric="cider",
-                attack=budget.attack,
-                eps=budget.eps,
-                steps=budget.steps,
-                clean=clean,
-                adversarial=adversarial if budget.eps > 0 else None,
-                n=len(budget.samples),
-                seconds=round(budget.seconds, 3),
-                seed=seed,
-                flags=[],
-                versions=versions(),
-                skipped=budget.skipped,
-            )
-        )
+        rows += va.budget_rows(spec, budget, "caption", {"cider": (clean, adversarial)}, len(budget.samples))
     return rows
 
 
@@ -509,11 +203,8 @@ def caption_scores(
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval caption``: CIDEr of a VLM's captions, clean and under attack."""
-    from dvd.config import positive_int
-    from dvd.eval import vlm_attack as va
-
     parser = argparse.ArgumentParser(prog="dvd eval caption", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=CAPTION_ATTACKS, attack="ensemble")
+    va.add_vlm_arguments(parser, attacks=CAPTION_ATTACKS, attack="ensemble")
     add_caption_data_arguments(parser)
     vp.add_protocol_arguments(parser)
     parser.add_argument("--references", default="5", help="reference captions attacked per image (ensemble)")
@@ -525,32 +216,19 @@ def cli(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     protocol = vp.apply_protocol(parser, args, "caption")
-    options = va.parse_common(args, CAPTION_ATTACKS)
+    common = va.parse_vlm(args, CAPTION_ATTACKS)
     n_references = positive_int(args.references, "--references")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     vp.use_template(model, args.template)
     data = vp.protocol_subset(protocol, source.load(model.image_size, model_transform(model)))
     print(f"caption prompt: {source.prompt!r}", file=sys.stderr)
-    state_dir = Path(f"{options.out}.partial")
     rows = evaluate_captioning(
         model,
         data,
-        eps_list=options.eps_list,
-        attack=options.attack,
-        steps=options.steps,
+        common.spec.replace(dataset_name=source.name),
         n_references=n_references,
-        precision=options.precision,
         broken_at=va.broken_at(args.broken_at),
         prompt=source.prompt,
-        max_new_tokens=options.max_new_tokens or 20,
-        batch_size=options.batch_size,
-        limit=options.limit,
-        seed=args.seed,
-        model_name=va.model_name_of(args),
-        dataset_name=source.name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-        save_samples=options.save_samples,
     )
-    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)
+    return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

@@ -14,16 +14,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dvd.config import ConfigError
 from dvd.data.mme import COGNITION, MME, PERCEPTION
+from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
 from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
 from dvd.models.llava_preprocess import model_transform
-
-if TYPE_CHECKING:
-    from dvd.models.vlm_base import VisionLanguageModel
+from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["evaluate_mme", "mme_answer", "mme_scores"]
 
@@ -86,76 +86,54 @@ class _MME:
 def evaluate_mme(
     model: VisionLanguageModel,
     data: Any,
+    spec: EvalSpec | None = None,
     *,
     suffix: str = SHORT_ANSWER,
-    max_new_tokens: int = 10,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "mme",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
+    **settings: Any,
 ) -> list[ResultRow]:
     """Clean MME rows: ``{dataset}/{subtask}`` accuracy, acc_plus, score; ``{dataset}`` perception and
     cognition (metric names), each the sum of its subtasks' scores."""
-    from dvd.eval import vlm_attack as va
-
+    spec = EvalSpec.of(spec, settings, **VLM_DEFAULTS, attack="none", dataset_name="mme", max_new_tokens=10)
     (budget,) = va.evaluate_outputs(
         model,
         data,
         _MME(suffix),
+        spec=spec.replace(steps=0),
         task_name="mme",
-        eps_list=[0.0],
         attack="none",
         stages=[],
-        steps=0,
         broken_at=0.0,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=progress,
+        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     scores = mme_scores([{**s, "output": s["outputs"][0]} for s in budget.samples])
     rows = []
     for name, values in sorted(scores.items()):
-        dataset = dataset_name if name in ("perception", "cognition") else f"{dataset_name}/{name}"
+        total = name in ("perception", "cognition")
+        dataset = spec.dataset_name if total else f"{spec.dataset_name}/{name}"
         for metric, value in values.items():
-            if metric == "n":
-                continue
-            rows.append(
-                ResultRow(
-                    model=model_name,
+            if metric != "n":
+                row = spec.row(
                     task="mme",
                     dataset=dataset,
-                    metric=name if name in ("perception", "cognition") else metric,
+                    metric=name if total else metric,
                     attack="none",
                     eps=0.0,
                     steps=0,
                     clean=value,
                     adversarial=None,
                     n=int(values["n"]),
-                    seconds=round(budget.seconds, 3),
-                    seed=seed,
-                    flags=[],
-                    versions=versions(),
+                    seconds=budget.seconds,
+                    skipped=budget.skipped,
                 )
-            )
+                rows.append(row)
     return rows
 
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval mme``: MME accuracy and acc+ per subtask, perception and cognition scores (clean)."""
-    from dvd.config import ConfigError
-    from dvd.eval import vlm_attack as va
-
     parser = argparse.ArgumentParser(prog="dvd eval mme", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=("none",), attack="none")
+    va.add_vlm_arguments(parser, attacks=("none",), attack="none")
     parser.add_argument("--data", default=None, help="a ShapesWorld root (mme/)")
     parser.add_argument("--mme", default=None, help="MME_Benchmark_release_version (subtask folders)")
     parser.add_argument("--subtasks", default=None, help="comma-separated subtask folders (default: all)")
@@ -163,7 +141,7 @@ def cli(argv: Sequence[str]) -> int:
     vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
     protocol = vp.apply_protocol(parser, args, "mme")
-    options = va.parse_common(args, ("none",))
+    common = va.parse_vlm(args, ("none",))
     if args.data is not None:
         root, name = Path(args.data) / "mme", "shapesworld/mme"
     elif args.mme is not None:
@@ -171,21 +149,9 @@ def cli(argv: Sequence[str]) -> int:
     else:
         raise ConfigError("give --data SHAPESWORLD_ROOT or --mme MME_Benchmark_release_version")
     subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip()) if args.subtasks else None
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     vp.use_template(model, args.template)
     data = MME(root, transform=model_transform(model), subtasks=subtasks)
-    state_dir = Path(f"{options.out}.partial")
-    rows = evaluate_mme(
-        model,
-        data,
-        suffix=args.suffix,
-        max_new_tokens=options.max_new_tokens or 10,
-        batch_size=options.batch_size,
-        limit=options.limit,
-        seed=args.seed,
-        model_name=va.model_name_of(args),
-        dataset_name=args.dataset_name or name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-    )
-    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)
+    spec = common.spec.replace(dataset_name=args.dataset_name or name, save_samples=None)
+    rows = evaluate_mme(model, data, spec, suffix=args.suffix)
+    return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

@@ -11,14 +11,15 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dvd.config import ConfigError
+from dvd.data.pope import Pope
+from dvd.eval import vlm_attack as va
 from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
 from dvd.models.llava_preprocess import model_transform
-
-if TYPE_CHECKING:
-    from dvd.models.vlm_base import VisionLanguageModel
+from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["evaluate_pope", "pope_answer", "pope_metrics"]
 
@@ -98,80 +99,42 @@ class _Pope:
 def evaluate_pope(
     model: VisionLanguageModel,
     data: Any,
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float] = (),
-    attack: str = "none",
-    steps: int = 100,
-    precision: str = "fp32",
     suffix: str = SHORT_ANSWER,
-    max_new_tokens: int = 10,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "pope",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
-    save_samples: str | Path | None = None,
+    **settings: Any,
 ) -> list[ResultRow]:
     """POPE accuracy, precision, recall, F1 and yes-ratio of one POPE file, one row per metric and budget.
 
-    ``data`` is a :class:`dvd.data.pope.Pope`. Clean by default; ``attack="apgd"`` runs APGD against the
-    NLL of the right answer on the questions answered right, and a question counts as answered by its
-    attacked answer where that is wrong (so only right answers turn wrong: every metric but the yes-ratio
-    can only fall).
+    ``data`` is a :class:`dvd.data.pope.Pope`. Clean by default; ``attack="apgd"`` runs APGD (in
+    ``spec.precision``, default fp32) against the NLL of the right answer on the questions answered right,
+    and a question counts as answered by its attacked answer where that is wrong (so only right answers
+    turn wrong: every metric but the yes-ratio can only fall).
     """
-    from dvd.eval import vlm_attack as va
-
-    if attack not in POPE_ATTACKS:
-        raise ValueError(f"unknown POPE attack {attack!r}; choose from {', '.join(POPE_ATTACKS)}")
-    stages = [va.Stage("label", precision=va.resolve_precision(precision, model.device))]
+    defaults = {**VLM_DEFAULTS, "precision": "fp32"}
+    spec = EvalSpec.of(spec, settings, **defaults, attack="none", dataset_name="pope", max_new_tokens=10)
+    if spec.attack not in POPE_ATTACKS:
+        raise ValueError(f"unknown POPE attack {spec.attack!r}; choose from {', '.join(POPE_ATTACKS)}")
+    stage = va.Stage("label", precision=va.resolve_precision(spec.precision, model.device))
     budgets = va.evaluate_outputs(
         model,
         data,
         _Pope(suffix),
+        spec=spec,
         task_name="pope",
-        eps_list=[0.0] if attack == "none" else eps_list,
-        attack=attack,
-        stages=stages if attack != "none" else [],
-        steps=steps,
+        attack=spec.attack,
+        stages=[stage] if spec.attack != "none" else [],
         broken_at=0.0,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=progress,
+        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
-        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
         labels = [s["label"] for s in budget.samples]
         clean = pope_metrics([s["outputs"][0] for s in budget.samples], labels)
         worst = pope_metrics([_worst(s["outputs"], s["label"]) for s in budget.samples], labels)
-        for metric in METRICS:
-            rows.append(
-                ResultRow(
-                    model=model_name,
-                    task="pope",
-                    dataset=dataset_name,
-                    metric=metric,
-                    attack=budget.attack,
-                    eps=budget.eps,
-                    steps=budget.steps,
-                    clean=clean[metric],
-                    adversarial=worst[metric] if budget.eps > 0 else None,
-                    n=len(labels),
-                    seconds=round(budget.seconds, 3),
-                    seed=seed,
-                    flags=[],
-                    versions=versions(),
-                    skipped=budget.skipped,
-                )
-            )
+        values = {metric: (clean[metric], worst[metric]) for metric in METRICS}
+        rows += va.budget_rows(spec, budget, "pope", values, len(labels))
     return rows
 
 
@@ -182,12 +145,8 @@ def _worst(outputs: Sequence[str], label: str) -> str:
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval pope``: POPE hallucination metrics per split, clean and optionally under attack."""
-    from dvd.config import ConfigError
-    from dvd.data.pope import Pope
-    from dvd.eval import vlm_attack as va
-
     parser = argparse.ArgumentParser(prog="dvd eval pope", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=POPE_ATTACKS, attack="none")
+    va.add_vlm_arguments(parser, attacks=POPE_ATTACKS, attack="none")
     parser.add_argument(
         "--data", default=None, help="a ShapesWorld root (pope/pope_{random,popular,adversarial})"
     )
@@ -195,7 +154,7 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--images", default=None, help="image root")
     parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
     args = parser.parse_args(list(argv))
-    options = va.parse_common(args, POPE_ATTACKS)
+    common = va.parse_vlm(args, POPE_ATTACKS)
     if args.data is not None:
         root = Path(args.data)
         files = [root / "pope" / f"pope_{split}.jsonl" for split in SPLITS]
@@ -207,28 +166,11 @@ def cli(argv: Sequence[str]) -> int:
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such POPE file")
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     transform = model_transform(model)
-    state_dir = Path(f"{options.out}.partial")
     rows = []
     for path in files:
         name = f"{args.dataset_name}/{path.stem}" if args.dataset_name else prefix + path.stem
-        rows += evaluate_pope(
-            model,
-            Pope(path, images, transform=transform),
-            eps_list=options.eps_list,
-            attack=options.attack,
-            steps=options.steps,
-            precision=options.precision,
-            suffix=args.suffix,
-            max_new_tokens=options.max_new_tokens or 10,
-            batch_size=options.batch_size,
-            limit=options.limit,
-            seed=args.seed,
-            model_name=va.model_name_of(args),
-            dataset_name=name,
-            state_dir=state_dir,
-            progress=not args.no_progress,
-            save_samples=options.save_samples,
-        )
-    return va.finish(rows, options.out, state_dir, options.checkpoint)
+        data = Pope(path, images, transform=transform)
+        rows += evaluate_pope(model, data, common.spec.replace(dataset_name=name), suffix=args.suffix)
+    return va.finish(rows, common.out, common.state_dir, common.checkpoint)

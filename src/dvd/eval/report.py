@@ -54,7 +54,7 @@ def plot_metric_vs_eps(
     rows: Sequence[Row], path: str | Path, *, task: str, title: str, ylabel: str, scale: float = 100.0
 ) -> Path | None:
     """One panel per dataset: the metric against eps (clean at eps 0), one line per model."""
-    import matplotlib
+    import matplotlib  # deferred: plotting is optional and matplotlib slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,7 +137,7 @@ def plot_clean_vs_robust(
     rows: Sequence[Row], path: str | Path, *, eps: float, title: str, ylabel: str, scale: float = 100.0
 ) -> Path | None:
     """Grouped bars per model: the clean metric and the metric under attack at ``eps`` (given rows)."""
-    import matplotlib
+    import matplotlib  # deferred: plotting is optional and matplotlib slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

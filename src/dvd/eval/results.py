@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dvd.attacks import not_falling
 from dvd.eval.output import rows_lock
 from dvd.io import read_json, write_json
 
@@ -242,8 +243,6 @@ def save_state(path: Path | None, state: dict[str, Any]) -> None:
 
 def flag_rising_robustness(rows: list[ResultRow]) -> None:
     """AutoAttack-style check: robust accuracy must not rise with a larger budget on the same samples."""
-    from dvd.attacks import not_falling
-
     attacked = [r for r in rows if r.eps > 0 and r.adversarial is not None]
     if len({r.n for r in attacked}) == 1 and not_falling({r.eps: r.adversarial for r in attacked}):
         for row in attacked:

@@ -25,28 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from dvd.config import ConfigError, parse_eps_list, positive_int, suggest
+from dvd.attacks import apgd, from_callable, pgd
+from dvd.config import ConfigError, positive_int, suggest
 from dvd.data.retrieval import RetrievalData, load_retrieval
-from dvd.eval import options
-from dvd.eval.output import claim_output
-from dvd.eval.results import (
-    ResultRow,
-    check_model_name,
-    eps_text,
-    format_table,
-    remove_states,
-    state_path,
-    write_rows,
-)
+from dvd.eval.arguments import parse_common
+from dvd.eval.batching import evaluation_mode
+from dvd.eval.clip_cli import DEFAULT_EPS, add_clip_arguments, finish, load_clip, wds_path, write_marked
+from dvd.eval.results import ResultRow, eps_text, state_path
 from dvd.eval.samples import retrieval_records, writer_for
-from dvd.eval.zeroshot import evaluation_mode, wds_path
-from dvd.io import atomic_write, versions
+from dvd.eval.spec import EvalSpec
+from dvd.io import atomic_write
 
-DEFAULT_EPS = "1/255,2/255,4/255"
+__all__ = ["DEFAULT_EPS", "evaluate_retrieval", "image_to_text_hits", "recall_at_k", "text_to_image_hits"]
 ATTACKS = ("apgd", "pgd", "none")
 DEFAULT_KS = (1, 5, 10)
 
@@ -91,55 +86,43 @@ def recall_at_k(
 def evaluate_retrieval(
     model: nn.Module,
     data: RetrievalData,
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float],
-    attack: str = "apgd",
-    steps: int = 100,
-    limit: int | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
     ks: Sequence[int] = DEFAULT_KS,
-    model_name: str | None = None,
-    dataset_name: str | None = None,
-    state_dir: str | Path | None = None,
-    progress: bool = True,
-    save_samples: str | Path | None = None,
+    **settings: Any,
 ) -> list[ResultRow]:
     """Recall@k both ways, clean and (per eps) with every image attacked; rows per metric and eps.
-    ``save_samples``: a directory for per-image records and adversarial images (:mod:`dvd.eval.samples`)."""
+
+    ``spec`` (or its fields as keywords) holds the common settings: attack ``apgd`` (default), ``pgd`` or
+    ``none``, 64 images a batch. ``spec.save_samples``: a directory for per-image records and adversarial
+    images (:mod:`dvd.eval.samples`)."""
+    spec = EvalSpec.of(
+        spec,
+        settings,
+        attack="apgd",
+        batch_size=64,
+        model_name=getattr(model, "model_name", "model"),
+        dataset_name=data.name,
+    )
+    attack, batch_size = str(spec.attack), int(spec.batch_size or 64)
     if attack not in ATTACKS:
         raise ConfigError(f"unknown retrieval attack {attack!r}{suggest(attack, ATTACKS)}")
-    model_name = model_name or getattr(model, "model_name", "model")
-    dataset_name = dataset_name or data.name
-    budgets = [] if attack == "none" else [float(e) for e in eps_list if e > 0]
+    budgets = [] if attack == "none" else [float(e) for e in spec.eps_list if e > 0]
     with evaluation_mode(model):
         tick = time.perf_counter()
-        clean_features, captions, text_to_image = _clean_pass(model, data, batch_size, limit, progress)
+        found = _clean_pass(model, data, batch_size, spec.limit, spec.progress)
+        clean_features, captions, text_to_image = found
         if not captions:
-            raise ValueError(f"{dataset_name} yielded no image with captions; check the dataset and split")
+            name = spec.dataset_name
+            raise ValueError(f"{name} yielded no image with captions; check the dataset and split")
         text_features = _encode_texts(model, captions, batch_size=max(batch_size, 256))
         clean = recall_at_k(clean_features @ text_features.t(), text_to_image, ks)
         clean_seconds = time.perf_counter() - tick
-        common = dict(
-            model=model_name,
-            task="retrieval",
-            dataset=dataset_name,
-            seed=seed,
-            versions=versions(),
-            skipped=data.skipped,
-        )
+        n = (len(clean_features), len(captions))
         rows: list[ResultRow] = []
         if not budgets:
-            rows += _rows(
-                common,
-                clean,
-                None,
-                attack="none",
-                eps=0.0,
-                steps=0,
-                n=(len(clean_features), len(captions)),
-                seconds=clean_seconds,
-            )
+            rows += _rows(spec, clean, None, attack="none", eps=0.0, steps=0, n=n, seconds=clean_seconds,
+                          skipped=data.skipped)
         for eps in budgets:
             run = _AttackRun(
                 model,
@@ -148,59 +131,45 @@ def evaluate_retrieval(
                 text_to_image,
                 eps=eps,
                 attack=attack,
-                steps=steps,
+                steps=spec.steps,
                 batch_size=batch_size,
-                limit=limit,
-                seed=seed,
-                progress=progress,
+                limit=spec.limit,
+                seed=spec.seed,
+                progress=spec.progress,
                 n_images=len(clean_features),
-                label=f"{dataset_name} {attack} eps={eps_text(eps)}",
-                writer=writer_for(save_samples, task="retrieval", model=model_name, dataset=dataset_name,
-                                  attack=attack, eps=eps),
+                label=f"{spec.dataset_name} {attack} eps={eps_text(eps)}",
+                writer=writer_for(spec.save_samples, task="retrieval", model=spec.model_name,
+                                  dataset=spec.dataset_name, attack=attack, eps=eps),
                 captions=captions,
                 clean_features=clean_features,
             )
             key = {
-                "model": model_name,
-                "dataset": dataset_name,
+                "model": spec.model_name,
+                "dataset": spec.dataset_name,
                 "attack": attack,
                 "eps": eps,
-                "steps": steps,
-                "seed": seed,
+                "steps": spec.steps,
+                "seed": spec.seed,
                 "batch_size": batch_size,
-                "limit": limit,
+                "limit": spec.limit,
                 "n": len(clean_features),
                 "model_fingerprint": _digest(torch.cat([clean_features, text_features])),
             }
             path = None
-            if state_dir is not None:
+            if spec.state_dir is not None:
+                where = dict(task="retrieval", model=spec.model_name, dataset=spec.dataset_name)
                 path = state_path(
-                    state_dir,
-                    task="retrieval",
-                    model=model_name,
-                    dataset=dataset_name,
-                    attack=attack,
-                    steps=steps,
-                    eps=eps,
-                    suffix=".safetensors",
+                    spec.state_dir, **where, attack=attack, steps=spec.steps, eps=eps, suffix=".safetensors"
                 )
             adversarial_features, seconds = run.run(path, key)
             robust = recall_at_k(adversarial_features @ text_features.t(), text_to_image, ks)
-            rows += _rows(
-                common,
-                clean,
-                robust,
-                attack=attack,
-                eps=eps,
-                steps=steps,
-                n=(len(clean_features), len(captions)),
-                seconds=clean_seconds + seconds,
-            )
+            rows += _rows(spec, clean, robust, attack=attack, eps=eps, steps=spec.steps, n=n,
+                          seconds=clean_seconds + seconds, skipped=data.skipped)
     return rows
 
 
 def _rows(
-    common: dict[str, Any],
+    spec: EvalSpec,
     clean: dict[str, float],
     robust: dict[str, float] | None,
     *,
@@ -209,10 +178,11 @@ def _rows(
     steps: int,
     n: tuple[int, int],
     seconds: float,
+    skipped: int,
 ) -> list[ResultRow]:
     return [
-        ResultRow(
-            **common,
+        spec.row(
+            task="retrieval",
             metric=metric,
             attack=attack,
             eps=eps,
@@ -220,8 +190,8 @@ def _rows(
             clean=value,
             adversarial=None if robust is None else robust[metric],
             n=n[0] if metric.startswith("image_to_text") else n[1],
-            seconds=round(seconds, 3),
-            flags=[],
+            seconds=seconds,
+            skipped=skipped,
         )
         for metric, value in clean.items()
     ]
@@ -326,8 +296,6 @@ class _AttackRun:
         return torch.cat(features), seconds
 
     def _attack(self, images: torch.Tensor, index: torch.Tensor, *, seed: int) -> torch.Tensor:
-        from dvd.attacks import apgd, from_callable, pgd
-
         own = self.text_to_image.view(1, -1) == index.view(-1, 1)  # (B, N_txt): the image's own captions
         objective = from_callable(self._caption_set_loss, batch={"own": own})
         generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -383,8 +351,6 @@ def _load_state(path: Path | None, key: dict[str, Any]) -> tuple[list[torch.Tens
     """``([features so far], next position, seconds)`` from a state file written by the same configuration."""
     if path is None or not path.is_file():
         return [], 0, 0.0
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
     if meta.get("key") != json.dumps(key, sort_keys=True):
@@ -414,18 +380,16 @@ def _save_state(
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval retrieval``: image->text and text->image recall@k, clean and with attacked images."""
     parser = argparse.ArgumentParser(prog="dvd eval retrieval", description=cli.__doc__)
-    parser.add_argument(
-        "--model", required=True, help="open_clip name, hf-hub:org/name, config .json or checkpoint"
+    add_clip_arguments(
+        parser,
+        model_help="open_clip name, hf-hub:org/name, config .json or checkpoint",
+        attack="apgd",
+        attack_help="apgd (default), pgd or none",
     )
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local weights file")
-    parser.add_argument("--model-name", default=None, help="short name for the result rows")
     parser.add_argument(
         "--dataset",
         required=True,
         help="ShapesWorld root, COCO captions .json, CLIP_benchmark retrieval dir, wds/<name>, .tar shards",
-    )
-    parser.add_argument(
-        "--dataset-root", default=None, help="root for wds/<name> ({dataset} placeholders allowed)"
     )
     parser.add_argument(
         "--dataset-name", default=None, help="name for the result rows (e.g. coco, flickr30k)"
@@ -435,50 +399,16 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--split", default=None, help="Karpathy split or CLIP_benchmark split folder (default test)"
     )
-    parser.add_argument(
-        "--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf budgets (default {DEFAULT_EPS})"
-    )
-    parser.add_argument("--eps-unit", default=None, help="divide --eps by this, e.g. 255")
-    parser.add_argument("--attack", default="apgd", help="apgd (default), pgd or none")
-    parser.add_argument("--steps", default="100")
     parser.add_argument("--ks", default="1,5,10", help="recall@k cut-offs")
-    parser.add_argument("--batch-size", default="64")
-    parser.add_argument("--limit", default=None, help="evaluate the first N images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", help="model weights precision (open_clip's names)")
-    parser.add_argument("--out", default="results.json", help="result rows JSON (merged into if it exists)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--save-samples", default=None, help="directory for per-image JSONL records + adversarial images"
-    )
     args = parser.parse_args(list(argv))
 
-    if args.attack not in ATTACKS:
-        raise ConfigError(f"unknown retrieval attack {args.attack!r}{suggest(args.attack, ATTACKS)}")
-    # checked even with --attack none: a typo is a typo
-    eps_list = parse_eps_list(args.eps, options.eps_unit(args.eps_unit))
+    def check_attack(name: str) -> None:
+        if name not in ATTACKS:
+            raise ConfigError(f"unknown retrieval attack {name!r}{suggest(name, ATTACKS)}")
+
     ks = [positive_int(k, "--ks") for k in args.ks.split(",") if k.strip()]
-    steps = positive_int(args.steps, "--steps")
-    batch_size = positive_int(args.batch_size, "--batch-size")
-    limit = None if args.limit is None else positive_int(args.limit, "--limit")
-    options.check_model_argument(args.model)
-    out = claim_output(args.out)
-    model_name = args.model_name or options.model_row_name(args.model, args.pretrained)
-    checkpoint = options.model_checkpoint(args.model, args.pretrained)
-    check_model_name(out, model_name, checkpoint)
-
-    from dvd.data.transforms import image_transform
-    from dvd.models.clip import create_clip
-
-    torch.manual_seed(args.seed)  # a randomly initialised model (config JSON) is the same on every rerun
-    model = create_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    transform = image_transform(model.image_size)
-    print(
-        f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
-        f"{model.image_size}x{model.image_size} input",
-        file=sys.stderr,
-    )
+    common = parse_common(args, kind="CLIP", check_attack=check_attack)
+    model, transform = load_clip(args, common.spec.model_name)
     spec, dataset_name = args.dataset, args.dataset_name
     if spec.startswith("wds/"):  # CLIP_benchmark's naming: wds/flickr30k under --dataset-root
         dataset_name = dataset_name or spec[len("wds/") :]
@@ -491,24 +421,6 @@ def cli(argv: Sequence[str]) -> int:
         split=args.split,
         name=dataset_name,
     )
-    state_dir = Path(f"{out}.partial")
-    rows = evaluate_retrieval(
-        model,
-        data,
-        eps_list=eps_list,
-        attack=args.attack,
-        steps=steps,
-        limit=limit,
-        batch_size=batch_size,
-        seed=args.seed,
-        ks=ks,
-        model_name=model_name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-        save_samples=args.save_samples,
-    )
-    write_rows(out, options.mark_rows(rows, checkpoint))
-    remove_states(state_dir, rows, suffix=".safetensors")
-    print(format_table(rows))
-    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
-    return 0
+    rows = evaluate_retrieval(model, data, common.spec.replace(dataset_name=data.name), ks=ks)
+    write_marked(common.out, rows, common.checkpoint)
+    return finish(rows, common.out, common.state_dir, suffix=".safetensors")

@@ -15,18 +15,19 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from dvd.config import ConfigError
 from dvd.data.scienceqa import is_correct, scienceqa_split
+from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
+from dvd.eval.batching import evaluation_mode
 from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
 from dvd.models.llava_preprocess import model_transform
-
-if TYPE_CHECKING:
-    from dvd.models.vlm_base import VisionLanguageModel
+from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["SCIENCEQA_PROMPT", "evaluate_scienceqa", "text_only_answers"]
 
@@ -85,107 +86,66 @@ def evaluate_scienceqa(
     model: VisionLanguageModel,
     image_questions: Any,
     text_questions: Sequence[dict[str, Any]],
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float] = (),
-    attack: str = "none",
-    steps: int = 100,
-    precision: str = "fp32",
     instruction: str = SCIENCEQA_PROMPT,
-    max_new_tokens: int = 16,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "scienceqa",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
+    **settings: Any,
 ) -> list[ResultRow]:
     """Rows ``accuracy`` (all questions) and ``image_accuracy`` (those with an image) per budget.
 
     ``image_questions``: a :class:`dvd.data.scienceqa.ScienceQAImages` (or None); ``text_questions``: the
-    text-only items. ``limit`` caps each of the two groups.
+    text-only items. ``spec.limit`` caps each of the two groups; the attack (default none, ``spec.precision``
+    default fp32) runs on the image questions.
     """
-    from dvd.eval import vlm_attack as va
-    from dvd.eval.zeroshot import evaluation_mode
-
-    if attack not in SCIENCEQA_ATTACKS:
-        raise ValueError(f"unknown ScienceQA attack {attack!r}; choose from {', '.join(SCIENCEQA_ATTACKS)}")
+    defaults = {**VLM_DEFAULTS, "precision": "fp32"}
+    spec = EvalSpec.of(spec, settings, **defaults, attack="none", dataset_name="scienceqa", max_new_tokens=16)
+    if spec.attack not in SCIENCEQA_ATTACKS:
+        raise ValueError(
+            f"unknown ScienceQA attack {spec.attack!r}; choose from {', '.join(SCIENCEQA_ATTACKS)}"
+        )
     task = _ScienceQA(instruction)
-    texts = list(text_questions)[:limit]
+    texts = list(text_questions)[: spec.limit]
     with evaluation_mode(model):
-        answers = text_only_answers(model, [task.prompt(q) for q in texts], max_new_tokens=max_new_tokens)
+        prompts = [task.prompt(q) for q in texts]
+        answers = text_only_answers(model, prompts, max_new_tokens=spec.max_new_tokens)
     text_right = sum(task.score(0, q, a) for a, q in zip(answers, texts, strict=True))
-    budgets = []
-    if image_questions is not None:
-        stages = [va.Stage("answer", precision=va.resolve_precision(precision, model.device))]
+    if image_questions is None:  # one clean row pair over the text questions
+        budgets = [va.BudgetResult(0.0, "none", 0, [], 0.0)]
+    else:
+        stage = va.Stage("answer", precision=va.resolve_precision(spec.precision, model.device))
         budgets = va.evaluate_outputs(
             model,
             image_questions,
             task,
+            spec=spec,
             task_name="scienceqa",
-            eps_list=[0.0] if attack == "none" else eps_list,
-            attack=attack,
-            stages=stages if attack != "none" else [],
-            steps=steps,
+            attack=spec.attack,
+            stages=[stage] if spec.attack != "none" else [],
             broken_at=0.0,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            seed=seed,
-            model_name=model_name,
-            dataset_name=dataset_name,
-            state_dir=state_dir,
-            progress=progress,
+            max_new_tokens=spec.max_new_tokens,
             settings={"instruction": instruction},
         )
     rows = []
-    for budget in budgets or [None]:
-        samples = budget.samples if budget is not None else []
-        clean = [task.score(0, s, s["outputs"][0]) for s in samples]
-        robust = [min(task.score(0, s, o) for o in s["outputs"]) for s in samples]
-        attacked = budget is not None and budget.eps > 0
+    for budget in budgets:
+        samples = budget.samples
+        clean = sum(task.score(0, s, s["outputs"][0]) for s in samples)
+        robust = sum(min(task.score(0, s, o) for o in s["outputs"]) for s in samples)
         total = len(samples) + len(texts)
+        no_data = (0.0, 0.0)
         values = {
-            "accuracy": (
-                (sum(clean) + text_right) / total if total else 0.0,
-                (sum(robust) + text_right) / total if total else 0.0,
-                total,
-            ),
-            "image_accuracy": (
-                sum(clean) / len(samples) if samples else 0.0,
-                sum(robust) / len(samples) if samples else 0.0,
-                len(samples),
-            ),
+            "accuracy": ((clean + text_right) / total, (robust + text_right) / total) if total else no_data,
+            "image_accuracy": (clean / len(samples), robust / len(samples)) if samples else no_data,
         }
-        for metric, (clean_value, robust_value, n) in values.items():
-            rows.append(
-                ResultRow(
-                    model=model_name,
-                    task="scienceqa",
-                    dataset=dataset_name,
-                    metric=metric,
-                    attack=budget.attack if budget is not None else "none",
-                    eps=budget.eps if budget is not None else 0.0,
-                    steps=budget.steps if budget is not None else 0,
-                    clean=clean_value,
-                    adversarial=robust_value if attacked else None,
-                    n=n,
-                    seconds=round(budget.seconds, 3) if budget is not None else 0.0,
-                    seed=seed,
-                    flags=[],
-                    versions=versions(),
-                )
-            )
+        for metric, value in values.items():
+            n = total if metric == "accuracy" else len(samples)
+            rows += va.budget_rows(spec, budget, "scienceqa", {metric: value}, n)
     return rows
 
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval scienceqa``: ScienceQA accuracy (all, image subset), clean and optionally under APGD."""
-    from dvd.config import ConfigError
-    from dvd.eval import vlm_attack as va
-
     parser = argparse.ArgumentParser(prog="dvd eval scienceqa", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=SCIENCEQA_ATTACKS, attack="none")
+    va.add_vlm_arguments(parser, attacks=SCIENCEQA_ATTACKS, attack="none")
     parser.add_argument("--data", default=None, help="a ShapesWorld root (scienceqa/)")
     parser.add_argument("--questions", default=None, help=f"LLaVA's ScienceQA file, e.g. {QUESTIONS_FILE}")
     parser.add_argument("--images", default=None, help="its image folder (scienceqa/images/test)")
@@ -193,7 +153,7 @@ def cli(argv: Sequence[str]) -> int:
     vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
     protocol = vp.apply_protocol(parser, args, "scienceqa")
-    options = va.parse_common(args, SCIENCEQA_ATTACKS)
+    common = va.parse_vlm(args, SCIENCEQA_ATTACKS)
     if args.data is not None:
         root = Path(args.data)  # ShapesWorld's JSON files name images relative to DIR/images
         questions, images = root / "scienceqa" / QUESTIONS_FILE, root / "images"
@@ -202,26 +162,9 @@ def cli(argv: Sequence[str]) -> int:
         questions, images, name = Path(args.questions), Path(args.images), "scienceqa"
     else:
         raise ConfigError("give --data SHAPESWORLD_ROOT, or --questions FILE and --images DIR")
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     vp.use_template(model, args.template)
     image_questions, text_questions = scienceqa_split(questions, images, transform=model_transform(model))
-    state_dir = Path(f"{options.out}.partial")
-    rows = evaluate_scienceqa(
-        model,
-        image_questions,
-        text_questions,
-        eps_list=options.eps_list,
-        attack=options.attack,
-        steps=options.steps,
-        precision=options.precision,
-        instruction=args.instruction,
-        max_new_tokens=options.max_new_tokens or 16,
-        batch_size=options.batch_size,
-        limit=options.limit,
-        seed=args.seed,
-        model_name=va.model_name_of(args),
-        dataset_name=args.dataset_name or name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-    )
-    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir)
+    spec = common.spec.replace(dataset_name=args.dataset_name or name, save_samples=None)
+    rows = evaluate_scienceqa(model, image_questions, text_questions, spec, instruction=args.instruction)
+    return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

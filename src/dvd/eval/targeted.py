@@ -14,12 +14,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
+from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
+from dvd.eval.captioning import DEFAULT_PROMPT, add_caption_data_arguments, caption_source
 from dvd.eval.results import ResultRow
-from dvd.io import versions
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
 from dvd.models.llava_preprocess import model_transform
 from dvd.models.vlm_base import VisionLanguageModel
 
@@ -83,30 +84,20 @@ def evaluate_targeted(
     model: VisionLanguageModel,
     data: Any,
     targets: Sequence[str],
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float],
-    steps: int = 100,
-    precision: str = "auto",
-    prompt: str = "Provide a short caption for this image.",
-    max_new_tokens: int | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "coco",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
-    save_samples: str | Path | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    **settings: Any,
 ) -> list[ResultRow]:
     """Targeted APGD towards each of ``targets`` on the images of ``data`` (a caption reader).
 
     Two rows per target and budget: ``success_rate`` (the target appears in the caption, any case) and
     ``exact_match_rate`` (the caption is the target); ``clean`` is the rate on the clean captions,
     ``adversarial`` on the attacked ones only (every image is attacked). The attack's ``attack`` name carries
-    the target, so targets get rows of their own. ``precision`` as in :func:`resolve_precision`.
+    the target, so targets get rows of their own. ``spec.precision`` as in :func:`resolve_precision`;
+    ``spec.max_new_tokens`` defaults to the target's length plus a margin.
     """
-    from dvd.eval import vlm_attack as va
-
+    spec = EvalSpec.of(spec, settings, **VLM_DEFAULTS, attack="apgd", dataset_name="coco")
     if not targets:
         raise ValueError("no target strings; pass --target TEXT (repeatable)")
     rows = []
@@ -118,66 +109,39 @@ def evaluate_targeted(
             print(f"note: the tokenizer writes the target {target!r} as {written!r}", file=sys.stderr)
         attack = f"apgd-targeted:{target}"
         length = (
-            max_new_tokens
+            spec.max_new_tokens
             or len(model.tokenizer(target, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS
         )
-        stage = va.Stage("target", target=target, precision=va.resolve_precision(precision, model.device))
+        precision = va.resolve_precision(spec.precision, model.device)
+        stage = va.Stage("target", target=target, precision=precision)
         budgets = va.evaluate_outputs(
             model,
             data,
             _Targeted(prompt, written),
+            spec=spec,
             task_name="targeted",
-            eps_list=eps_list,
             attack=attack,
             stages=[stage],
-            steps=steps,
             broken_at=-1.0,  # attack every image: a clean caption that already hits is no attack success
             max_new_tokens=length,
-            batch_size=batch_size,
-            limit=limit,
-            seed=seed,
-            model_name=model_name,
-            dataset_name=dataset_name,
-            state_dir=state_dir,
-            progress=progress,
             settings={"prompt": prompt, "target": target},
-            save_samples=save_samples,
         )
         for budget in budgets:
             outcomes = [[target_outcome(o, written) for o in s["outputs"]] for s in budget.samples]
+            values = {}
             for metric, which in zip(METRICS, ("success", "exact"), strict=True):
                 clean = sum(getattr(o[0], which) for o in outcomes) / len(outcomes)
                 # outputs after the clean one are the attacked captions; only they count as attack success
                 attacked = sum(any(getattr(x, which) for x in o[1:]) for o in outcomes) / len(outcomes)
-                rows.append(
-                    ResultRow(
-                        model=model_name,
-                        task="targeted",
-                        dataset=dataset_name,
-                        metric=metric,
-                        attack=budget.attack if budget.eps > 0 else "none",
-                        eps=budget.eps,
-                        steps=budget.steps,
-                        clean=clean,
-                        adversarial=attacked if budget.eps > 0 else None,
-                        n=len(outcomes),
-                        seconds=round(budget.seconds, 3),
-                        seed=seed,
-                        flags=[],
-                        versions=versions(),
-                        skipped=budget.skipped,
-                    )
-                )
+                values[metric] = (clean, attacked)
+            rows += va.budget_rows(spec, budget, "targeted", values, len(outcomes))
     return rows
 
 
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval targeted``: how often targeted APGD makes a VLM write a given caption."""
-    from dvd.eval import vlm_attack as va
-    from dvd.eval.captioning import add_caption_data_arguments, caption_source
-
     parser = argparse.ArgumentParser(prog="dvd eval targeted", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=("apgd",), attack="apgd")
+    va.add_vlm_arguments(parser, attacks=("apgd",), attack="apgd")
     add_caption_data_arguments(parser)
     parser.add_argument(
         "--target",
@@ -188,32 +152,15 @@ def cli(argv: Sequence[str]) -> int:
     vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
     protocol = vp.apply_protocol(parser, args, "targeted")
-    options = va.parse_common(args, ("apgd",))
+    common = va.parse_vlm(args, ("apgd",))
     if not args.target or not all(t.strip() for t in args.target):
         raise ValueError("give at least one non-empty --target TEXT")
     source = caption_source(args)
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     vp.use_template(model, args.template)
     data = source.load(model.image_size, model_transform(model))
-    state_dir = Path(f"{options.out}.partial")
+    spec = common.spec.replace(dataset_name=source.name)
     rows = []
     for targets, images in vp.target_groups(protocol, data, args.target):
-        rows += evaluate_targeted(
-            model,
-            images,
-            targets,
-            eps_list=options.eps_list,
-            steps=options.steps,
-            precision=options.precision,
-            prompt=source.prompt,
-            max_new_tokens=options.max_new_tokens,
-            batch_size=options.batch_size,
-            limit=options.limit,
-            seed=args.seed,
-            model_name=va.model_name_of(args),
-            dataset_name=source.name,
-            state_dir=state_dir,
-            progress=not args.no_progress,
-            save_samples=options.save_samples,
-        )
-    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)
+        rows += evaluate_targeted(model, images, targets, spec, prompt=source.prompt)
+    return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

@@ -16,16 +16,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dvd.config import ConfigError, positive_int
+from dvd.data.textvqa import TextVQA
+from dvd.data.vqa import VQAv2
+from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
 from dvd.eval.output import check_output_path
 from dvd.eval.results import ResultRow, state_path
-from dvd.io import versions, write_json
+from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
+from dvd.io import write_json
 from dvd.models.llava_preprocess import model_transform
-
-if TYPE_CHECKING:
-    from dvd.models.vlm_base import VisionLanguageModel
+from dvd.models.vlm_base import VisionLanguageModel
 
 __all__ = ["evaluate_vqa", "normalize_answer", "ranked_answers", "vqa_accuracy", "vqa_predictions"]
 
@@ -157,141 +160,88 @@ class _VQA:
 def evaluate_vqa(
     model: VisionLanguageModel,
     data: Any,
+    spec: EvalSpec | None = None,
     *,
-    eps_list: Sequence[float],
-    attack: str = "ensemble",
-    steps: int = 100,
     n_references: int = 5,
     targets: Sequence[str] = TARGETS,
-    precision: str = "auto",
     broken_at: float = 0.0,
     suffix: str = SHORT_ANSWER,
-    max_new_tokens: int = 10,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "vqav2",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
-    save_samples: str | Path | None = None,
+    **settings: Any,
 ) -> list[ResultRow]:
     """VQAv2 accuracy of greedy answers, clean and under attack, one row per budget (eps 0: clean only).
 
-    ``data`` is a :class:`dvd.data.vqa.VQAv2` with annotations. ``attack="ensemble"``: APGD on the NLL of
-    each of the ``n_references`` most frequent human answers (``precision``), fp32 APGD on the best one,
-    then targeted fp32 APGD towards each of ``targets``; each question keeps its lowest-accuracy answer and
-    questions at accuracy <= ``broken_at`` are not attacked further. ``"apgd"``: one fp32 APGD on the most
-    frequent answer.
+    ``data`` is a :class:`dvd.data.vqa.VQAv2` with annotations. ``attack="ensemble"`` (default): APGD on
+    the NLL of each of the ``n_references`` most frequent human answers (``spec.precision``), fp32 APGD on
+    the best one, then targeted fp32 APGD towards each of ``targets``; each question keeps its
+    lowest-accuracy answer and questions at accuracy <= ``broken_at`` are not attacked further. ``"apgd"``:
+    one fp32 APGD on the most frequent answer.
     """
-    from dvd.eval import vlm_attack as va
-
-    if attack not in VQA_ATTACKS:
-        raise ValueError(f"unknown VQA attack {attack!r}; choose from {', '.join(VQA_ATTACKS)}")
-    if any(len(r["fields"]["answers"]) < 2 for r in data.records[: limit or len(data)]):
+    spec = _spec(spec, settings, attack="ensemble")
+    if spec.attack not in VQA_ATTACKS:
+        raise ValueError(f"unknown VQA attack {spec.attack!r}; choose from {', '.join(VQA_ATTACKS)}")
+    if any(len(r["fields"]["answers"]) < 2 for r in data.records[: spec.limit or len(data)]):
         raise ValueError(
             "VQA accuracy needs the human answers (>= 2 per question); pass the annotations file"
         )
     ensemble = va.ensemble_stages(
-        n_references, precision=va.resolve_precision(precision, model.device), targets=targets
+        n_references, precision=va.resolve_precision(spec.precision, model.device), targets=targets
     )
-    stages = {"ensemble": ensemble, "apgd": [va.Stage("ref0-fp32")], "none": []}[attack]
+    stages = {"ensemble": ensemble, "apgd": [va.Stage("ref0-fp32")], "none": []}[spec.attack]
     budgets = va.evaluate_outputs(
         model,
         data,
         _VQA(suffix),
+        spec=spec,
         task_name="vqa",
-        eps_list=[0.0] if attack == "none" else eps_list,
-        attack=ATTACK_NAMES[attack],
+        attack=ATTACK_NAMES[spec.attack],
         stages=stages,
-        steps=steps,
         broken_at=broken_at,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=progress,
+        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
-        save_samples=save_samples,
     )
     rows = []
     for budget in budgets:
         clean = [vqa_accuracy(s["outputs"][0], s["answers"]) for s in budget.samples]
         worst = [min(vqa_accuracy(o, s["answers"]) for o in s["outputs"]) for s in budget.samples]
-        rows.append(
-            ResultRow(
-                model=model_name,
-                task="vqa",
-                dataset=dataset_name,
-                metric="vqa_accuracy",
-                attack=budget.attack,
-                eps=budget.eps,
-                steps=budget.steps,
-                clean=sum(clean) / len(clean),
-                adversarial=sum(worst) / len(worst) if budget.eps > 0 else None,
-                n=len(clean),
-                seconds=round(budget.seconds, 3),
-                seed=seed,
-                flags=[],
-                versions=versions(),
-                skipped=budget.skipped,
-            )
-        )
+        values = {"vqa_accuracy": (sum(clean) / len(clean), sum(worst) / len(worst))}
+        rows += va.budget_rows(spec, budget, "vqa", values, len(clean))
     return rows
 
 
 def vqa_predictions(
     model: VisionLanguageModel,
     data: Any,
+    spec: EvalSpec | None = None,
     *,
     suffix: str = SHORT_ANSWER,
-    max_new_tokens: int = 10,
-    batch_size: int = 8,
-    limit: int | None = None,
-    seed: int = 0,
-    model_name: str = "model",
-    dataset_name: str = "vqav2",
-    state_dir: str | Path | None = None,
-    progress: bool = True,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """Clean greedy answers in VQAv2's submission format, ``[{"question_id": ..., "answer": ...}]``: what a
     test split without public answers (test-dev, test-std) is scored from, by its evaluation server."""
-    from dvd.eval import vlm_attack as va
-
+    spec = _spec(spec, settings, attack="none")
     (budget,) = va.evaluate_outputs(
         model,
         data,
         _VQA(suffix),
+        spec=spec.replace(steps=0, save_samples=None),
         task_name="vqa-predictions",
-        eps_list=[0.0],
         attack="none",
         stages=[],
-        steps=0,
         broken_at=0.0,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=progress,
+        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     return [{"question_id": s["question_id"], "answer": s["outputs"][0].strip()} for s in budget.samples]
 
 
+def _spec(spec: EvalSpec | None, settings: dict[str, Any], *, attack: str) -> EvalSpec:
+    return EvalSpec.of(spec, settings, **VLM_DEFAULTS, attack=attack, dataset_name="vqav2", max_new_tokens=10)
+
+
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval vqa``: VQAv2 accuracy of a VLM, clean and under attack."""
-    from dvd.config import ConfigError, positive_int
-    from dvd.data.vqa import VQAv2
-    from dvd.eval import vlm_attack as va
-
     parser = argparse.ArgumentParser(prog="dvd eval vqa", description=cli.__doc__)
-    va.add_common_arguments(parser, attacks=VQA_ATTACKS, attack="ensemble")
+    va.add_vlm_arguments(parser, attacks=VQA_ATTACKS, attack="ensemble")
     parser.add_argument("--data", default=None, help="a ShapesWorld root (vqa/, images/)")
     parser.add_argument("--questions", default=None, help="VQAv2 questions JSON")
     parser.add_argument(
@@ -319,7 +269,7 @@ def cli(argv: Sequence[str]) -> int:
     vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
     protocol = vp.apply_protocol(parser, args, "vqa", "textvqa" if args.textvqa else "")
-    options = va.parse_common(args, VQA_ATTACKS)
+    common = va.parse_vlm(args, VQA_ATTACKS)
     n_references = positive_int(args.references, "--references")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     textvqa = None
@@ -346,16 +296,14 @@ def cli(argv: Sequence[str]) -> int:
             "without --annotations there are no answers to score: give --predictions FILE to write the "
             "clean answers in VQAv2's submission format"
         )
-    if annotations is None and options.attack != "none":
+    if annotations is None and args.attack != "none":
         raise ConfigError(
-            f"--attack {options.attack} needs the human answers (--annotations); without them only the "
+            f"--attack {args.attack} needs the human answers (--annotations); without them only the "
             "clean answers are written: pass --attack none"
         )
-    model = va.load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
+    model = va.load_from_args(args)
     vp.use_template(model, args.template)
     if textvqa:
-        from dvd.data.textvqa import TextVQA
-
         data = TextVQA(questions, images, transform=model_transform(model))
     else:
         data = VQAv2(
@@ -366,51 +314,25 @@ def cli(argv: Sequence[str]) -> int:
             image_pattern=args.image_pattern,
         )
     data = vp.protocol_subset(protocol, data)
-    dataset_name = args.dataset_name or name
+    spec = common.spec.replace(dataset_name=args.dataset_name or name)
     if predictions is not None:
-        answers = vqa_predictions(
-            model,
-            data,
-            suffix=args.suffix,
-            max_new_tokens=options.max_new_tokens or 10,
-            batch_size=options.batch_size,
-            limit=options.limit,
-            seed=args.seed,
-            model_name=va.model_name_of(args),
-            dataset_name=dataset_name,
-            state_dir=Path(f"{options.out}.partial"),
-            progress=not args.no_progress,
-        )
+        answers = vqa_predictions(model, data, spec, suffix=args.suffix)
         write_json(predictions, answers)
-        done = state_path(Path(f"{options.out}.partial"), task="vqa-predictions",
-                          model=va.model_name_of(args), dataset=dataset_name, attack="none", steps=0,
-                          eps=0.0)  # fmt: skip
+        where = dict(task="vqa-predictions", model=spec.model_name, dataset=spec.dataset_name, attack="none")
+        done = state_path(common.state_dir, **where, steps=0, eps=0.0)
         done.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             done.parent.rmdir()
         print(f"wrote {len(answers)} clean answers to {predictions} (VQAv2's format)", file=sys.stderr)
         if annotations is None:
             return 0
-    state_dir = Path(f"{options.out}.partial")
     rows = evaluate_vqa(
         model,
         data,
-        eps_list=options.eps_list,
-        attack=options.attack,
-        steps=options.steps,
+        spec,
         n_references=n_references,
         targets=targets,
-        precision=options.precision,
         broken_at=va.broken_at(args.broken_at),
         suffix=args.suffix,
-        max_new_tokens=options.max_new_tokens or 10,
-        batch_size=options.batch_size,
-        limit=options.limit,
-        seed=args.seed,
-        model_name=va.model_name_of(args),
-        dataset_name=dataset_name,
-        state_dir=state_dir,
-        progress=not args.no_progress,
-        save_samples=options.save_samples,
     )
-    return va.finish(vp.stamp(rows, protocol, model), options.out, state_dir, options.checkpoint)
+    return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

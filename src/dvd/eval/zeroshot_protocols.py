@@ -29,9 +29,10 @@ from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
 from dvd.data.zeroshot import ZeroShotData, class_label, load_zeroshot
 from dvd.eval import options
+from dvd.eval.clip_cli import DEFAULT_EPS
 from dvd.eval.output import claim_output
 from dvd.eval.results import ResultRow, check_model_name, eps_text, read_rows, remove_states, write_rows
-from dvd.eval.zeroshot import DEFAULT_EPS, evaluate_zeroshot
+from dvd.eval.zeroshot_eval import evaluate_zeroshot
 from dvd.models.clip import create_clip
 
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
