@@ -38,7 +38,8 @@ def test_zeroshot_rows_count_the_unreadable_images_of_an_image_folder(photos: Pa
     assert [(r.n, r.skipped) for r in read_rows(out)] == [(4, 1)]
 
 
-def test_zeroshot_rows_count_what_a_shard_stream_dropped(photos: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "1"])  # a worker process reads (and drops) the corrupt sample
+def test_zeroshot_rows_count_what_a_shard_stream_dropped(photos: Path, tmp_path: Path, workers: str) -> None:
     root = tmp_path / "wds_photos"
     (root / "test").mkdir(parents=True)
     (root / "classnames.txt").write_text("cat\nspace\n")
@@ -52,7 +53,7 @@ def test_zeroshot_rows_count_what_a_shard_stream_dropped(photos: Path, tmp_path:
                 tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "r.json"
     args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(root), "--attack", "none",
-            "--out", str(out), "--no-progress"]  # fmt: skip
+            "--workers", workers, "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert [(r.n, r.skipped) for r in read_rows(out)] == [(4, 1)]
 

@@ -175,7 +175,9 @@ class ShardStream(IterableDataset):
     so ranks stay disjoint) and samples go through a shuffle buffer of that size. ``resampled``
     draws shards with replacement forever (``wds.ResampledShards``, seeded per rank and worker).
     Corrupt samples and unreadable shards are skipped, counted in ``.skipped`` (the last pass, for
-    single-process use) and reported in one warning when the pass ends.
+    single-process use) and reported in one warning when the pass ends. With ``yield_skipped`` a corrupt
+    sample is also yielded as ``None``, so that a consumer in another process (DataLoader workers) can
+    count it.
     """
 
     def __init__(
@@ -189,9 +191,11 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle: int = 0,
         split_by_node: bool = True,
+        yield_skipped: bool = False,
     ) -> None:
         super().__init__()
         self.urls = expand_shards(urls)
+        self.yield_skipped = yield_skipped
         self.source = _describe(urls, self.urls)
         self.transform = transform or plain_tensor()
         self.target = target
@@ -265,6 +269,8 @@ class ShardStream(IterableDataset):
                     target = self.target(sample)
                 except Exception as error:  # corrupt bytes of any kind: skip and count
                     pass_log.skip(str(sample.get("__key__")), _reason(error))
+                    if self.yield_skipped:
+                        yield None
                     continue
                 state["good"] += 1
                 yield self.transform(image), target

@@ -192,6 +192,9 @@ class _Budget:
         )
         device = self.classifier.weights.device
         if not state["finished"]:
+            if hasattr(self.data.dataset, "yield_skipped"):
+                # a shard stream yields its corrupt samples as None: counted here, whichever process read them
+                self.data.dataset.yield_skipped = True
             batches = stream_batches(
                 self.data.dataset,
                 self.spec.batch_size,
@@ -216,9 +219,6 @@ class _Budget:
                 save_state(path, state)
                 bar.update(next_position - position)
                 bar.set_postfix(clean=f"{_mean(clean):.3f}", robust=f"{_mean(robust):.3f}" if robust else "-")
-            # a stream drops unreadable samples itself (counted by this process's pass when workers == 0)
-            dropped = getattr(self.data.dataset, "skipped_count", 0)
-            state["stream_skipped"] = dropped if self.workers == 0 else 0
             state["finished"] = True
             save_state(path, state)
         bar.close()
@@ -238,7 +238,7 @@ class _Budget:
             adversarial=_mean(robust),
             n=len(clean),
             seconds=state["seconds"],
-            skipped=state["skipped"] + state.get("stream_skipped", 0),
+            skipped=state["skipped"],
             flags=flags,
         )
 
