@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from _eval_helpers import world_tokenizer
 from dvd.cli import COMMANDS, main
 from dvd.data.shapesworld import generate
 from dvd.demo import Demo
@@ -21,7 +22,6 @@ from dvd.demo_preset import load_preset
 from dvd.models.clip import create_clip, save_clip
 from dvd.models.vlm import create_vlm
 from dvd.models.vlm_io import save_vlm
-from test_vlm_eval_commands import world_tokenizer
 from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 README = Path(__file__).resolve().parents[1] / "README.md"

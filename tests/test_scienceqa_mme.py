@@ -28,14 +28,6 @@ from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 FAST = ["--limit", "6", "--batch-size", "3", "--steps", "2", "--max-new-tokens", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def held_out_scenes(root: Path) -> list[tuple[int, str, Scene]]:
     scenes = json.loads((root / "images" / "scenes.json").read_text())
     held_out = [s for s in scenes if s["file_name"].startswith("test/")]
