@@ -25,8 +25,8 @@ def test_dev(shapesworld: Path, tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "questions.json", tmp_path / "images"
 
 
-def vqa(tiny_vlm: Path, questions: Path, images: Path, *extra: str) -> int:
-    return main(["eval", "vqa", "--model", str(tiny_vlm), "--questions", str(questions), "--images",
+def vqa(checkpoint: Path, questions: Path, images: Path, *extra: str) -> int:
+    return main(["eval", "vqa", "--model", str(checkpoint), "--questions", str(questions), "--images",
                  str(images), *FAST, *extra])  # fmt: skip
 
 
