@@ -7,15 +7,13 @@ from pathlib import Path
 
 from dvd.cli import main
 from dvd.eval.samples import load_image
-from test_vlm_eval_commands import checkpoint, one_thread, world  # noqa: F401  (fixtures)
-from test_zeroshot import photos  # noqa: F401  (fixture)
 
 
 def records_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "attack.jsonl").read_text().splitlines()]
 
 
-def test_clip_attack_writes_adversarial_images_and_what_changed(photos: Path, tmp_path: Path):  # noqa: F811
+def test_clip_attack_writes_adversarial_images_and_what_changed(photos: Path, tmp_path: Path):
     out = tmp_path / "adv"
     folder = photos / "test"
     labels = "cat,person,space,texture"
@@ -36,11 +34,11 @@ def test_clip_attack_writes_adversarial_images_and_what_changed(photos: Path, tm
 
 
 def test_vlm_attack_towards_a_target_keeps_the_images_inside_the_budget(
-    world: Path, checkpoint: Path, tmp_path: Path  # noqa: F811
+    shapesworld: Path, tiny_vlm: Path, tmp_path: Path
 ):
     out = tmp_path / "adv"
-    images = next(p for p in world.rglob("*.png")).parent
-    args = ["attack", "--images", str(images), "--vlm", str(checkpoint), "--target", "a red circle.",
+    images = next(p for p in shapesworld.rglob("*.png")).parent
+    args = ["attack", "--images", str(images), "--vlm", str(tiny_vlm), "--target", "a red circle.",
             "--eps", "8/255", "--steps", "2", "--limit", "2", "--max-new-tokens", "6", "--out", str(out)]
     assert main(args) == 0
     records = records_of(out)
@@ -51,7 +49,7 @@ def test_vlm_attack_towards_a_target_keeps_the_images_inside_the_budget(
         assert (out / "attack" / record["image"]).exists()
 
 
-def test_bad_attack_arguments_are_one_line_errors(photos: Path, tmp_path: Path, capsys):  # noqa: F811
+def test_bad_attack_arguments_are_one_line_errors(photos: Path, tmp_path: Path, capsys):
     base = ["attack", "--images", str(photos / "test"), "--out", str(tmp_path / "o")]
     assert main([*base, "--clip", "dvd-tiny-vit"]) == 2
     assert "--clip needs --labels" in capsys.readouterr().err
@@ -62,7 +60,7 @@ def test_bad_attack_arguments_are_one_line_errors(photos: Path, tmp_path: Path, 
     assert "neither a folder" in capsys.readouterr().err
 
 
-def test_images_can_come_from_a_webdataset_shard(photos: Path, tmp_path: Path):  # noqa: F811
+def test_images_can_come_from_a_webdataset_shard(photos: Path, tmp_path: Path):
     import tarfile
 
     shard = tmp_path / "shard-000.tar"

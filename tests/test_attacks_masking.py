@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from _digits import TOLERANCE, accuracy, digits, train
 from dvd.attacks import evaluate_robustness, fab_attack, parse_attacks, targeted_margin
 from dvd.attacks.escalation import RANDOM_EOT, fresh_draw_accuracy
 from dvd.attacks.fab import project_onto_hyperplane
-from test_attacks_strength import TOLERANCE, accuracy, digits, train
 
 EPS = 24 / 255
 N = 40

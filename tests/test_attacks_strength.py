@@ -8,34 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from _digits import TOLERANCE, accuracy, digits, train
 from dvd.attacks import apgd, cross_entropy, evaluate_robustness, margin, pgd, square
-
-TOLERANCE = 0.005  # half a percentage point
-
-
-def digits(n_test: int = 200) -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (B, 1, 8, 8) in [0, 1]
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:1400 + n_test]
-    return x[train], y[train], x[test], y[test]
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    order = torch.Generator().manual_seed(1)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +29,6 @@ def models(data):
         nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
     )
     return {"mlp": mlp, "cnn": train(cnn, x_train, y_train)}
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def reference_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import skimage
 
+from _eval_helpers import FAST
 from dvd.cli import main
 from dvd.eval.results import read_rows
-from test_vlm_eval_commands import FAST, checkpoint, one_thread, world  # noqa: F401 (fixtures)
 
 PHOTOS = {"cat": ["chelsea.png", "coffee.png"], "space": ["rocket.jpg", "moon.png"]}
 
@@ -80,12 +80,12 @@ def test_retrieval_rows_count_the_unreadable_images(tmp_path: Path) -> None:
     assert {(r.n, r.skipped) for r in read_rows(out)} == {(2, 1)}
 
 
-def test_vlm_rows_count_the_unreadable_images(world: Path, checkpoint: Path, tmp_path: Path):  # noqa: F811
+def test_vlm_rows_count_the_unreadable_images(shapesworld: Path, tiny_vlm: Path, tmp_path: Path):
     broken = tmp_path / "world"
-    shutil.copytree(world, broken)
+    shutil.copytree(shapesworld, broken)
     (broken / "images" / "test" / "000000000001.png").write_bytes(b"not an image")  # the first questions'
     out = tmp_path / "r.json"
-    args = ["eval", "vqa", "--model", str(checkpoint), "--data", str(broken), "--attack", "none",
+    args = ["eval", "vqa", "--model", str(tiny_vlm), "--data", str(broken), "--attack", "none",
             "--out", str(out), *FAST, "--limit", "8"]  # fmt: skip
     assert main(args) == 0
     (row,) = read_rows(out)

@@ -63,11 +63,6 @@ def assert_same_model(ours, oracle) -> None:
     assert ours.generate(x, PROMPTS, max_new_tokens=6) == oracle.generate(x, PROMPTS, max_new_tokens=6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
 def test_full_llava_15_layout_equals_its_llava_hf_conversion(tmp_path, safetensors):
     tok = tokenizer()

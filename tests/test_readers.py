@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from _shards import write_shard
 from dvd.data.captions import CocoCaptions
 from dvd.data.image_text import CsvImageText, collate_dicts, collate_pairs, image_text_shards
 from dvd.data.instruct import LlavaInstruct
@@ -41,18 +42,6 @@ def image_bytes(
 def truncated_png() -> bytes:
     data = image_bytes(size=(64, 64))
     return data[: len(data) // 2]
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A webdataset shard: one tar member KEY.EXT per field, samples in order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, fields in samples:
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def pair_shards(root: Path, shards: int, per_shard: int) -> list[str]:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _shards import write_shard
 from dvd.data import transforms
 from dvd.data.image_text import ImageRecords
 from dvd.data.transforms import decode_image, plain_tensor
-from test_readers import write_shard
 
 RAMP = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)  # true mean 0.5
 

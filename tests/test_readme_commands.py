@@ -8,21 +8,21 @@ import argparse
 import importlib
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from _eval_helpers import world_tokenizer
 from dvd.cli import COMMANDS, main
-from dvd.data.shapesworld import generate
 from dvd.demo import Demo
 from dvd.demo_preset import load_preset
 from dvd.models.clip import create_clip, save_clip
 from dvd.models.vlm import create_vlm
 from dvd.models.vlm_io import save_vlm
-from test_vlm_eval_commands import world_tokenizer
-from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
+from tiny_models import TINY_LLAMA, tiny_tower
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO = Path("runs/demo")  # `make demo` runs `dvd demo --out runs/demo`
@@ -104,11 +104,11 @@ def test_readme_commands_read_only_what_the_demo_or_an_earlier_command_wrote() -
 
 
 @pytest.fixture(scope="module")
-def demo_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_miniature(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """runs/demo in the demo's layout with tiny models: the world, every CLIP and the Δ²LLaVA."""
     root = tmp_path_factory.mktemp("readme")
     world = root / DEMO / "world"
-    generate(world, size=100, eval_size=20, image_size=IMAGE_SIZE)
+    shutil.copytree(shapesworld, world)  # a copy, not a link: nothing run here may write into it
     torch.manual_seed(0)
     for path in sorted(demo_outputs()):
         name = path.parent.name

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import skimage
 import torch
 
 from dvd.cli import main
@@ -23,21 +21,6 @@ from dvd.eval.retrieval import (
     text_to_image_hits,
 )
 from dvd.models.clip import DvdCLIP, create_clip
-
-PHOTOS = {
-    "cat": ["chelsea.png", "coffee.png"],
-    "person": ["astronaut.png", "camera.png"],
-    "space": ["rocket.jpg"],
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_recall_at_k_on_a_hand_checked_similarity_matrix() -> None:
@@ -94,23 +77,6 @@ def test_captions_equal_to_class_names_tie_and_ties_count_against_the_model() ->
 def model() -> DvdCLIP:
     torch.manual_seed(0)
     return create_clip("dvd-tiny-vit")
-
-
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """COCO-style captions of scikit-image's photos: two captions per photo, built from its class name."""
-    root = tmp_path_factory.mktemp("ret")
-    source = Path(skimage.data.__file__).parent
-    images, annotations = [], []
-    for name, files in PHOTOS.items():
-        for file in files:
-            (root / "images" / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(source / file, root / "images" / name / file)
-            images.append({"id": len(images), "file_name": f"{name}/{file}"})
-            for caption in (f"a photo of a {name}", name):
-                annotations.append({"id": len(annotations), "image_id": images[-1]["id"], "caption": caption})
-    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    return root
 
 
 def _photos(coco: Path, model: DvdCLIP) -> RetrievalData:

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _eval_helpers import run
 from dvd.eval.samples import SampleWriter, load_image, save_image
-from test_retrieval import coco  # noqa: F401  (fixture)
-from test_vlm_eval_commands import checkpoint, one_thread, run, world  # noqa: F401  (fixtures)
 
 
 def test_an_8bit_image_is_a_png_that_reads_back_exactly_and_any_other_a_float_npy(tmp_path: Path):
@@ -32,10 +31,10 @@ def test_a_resumed_writer_skips_the_records_it_already_has(tmp_path: Path):
 
 @pytest.mark.parametrize("command", ["caption", "vqa"])
 def test_vlm_evaluations_save_outputs_and_worst_case_images(
-    world, checkpoint, tmp_path, command  # noqa: F811
+    shapesworld, tiny_vlm, tmp_path, command
 ):
     samples = tmp_path / "samples"
-    rows = run(["eval", command], tmp_path / "r.json", "--model", str(checkpoint), "--data", str(world),
+    rows = run(["eval", command], tmp_path / "r.json", "--model", str(tiny_vlm), "--data", str(shapesworld),
                "--eps", "8/255", "--save-samples", str(samples))
     (jsonl,) = samples.glob("*-eps8of255.jsonl")
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -50,7 +49,7 @@ def test_vlm_evaluations_save_outputs_and_worst_case_images(
         assert image.dim() == 3 and 0 <= float(image.min()) and float(image.max()) <= 1
 
 
-def test_retrieval_saves_each_images_captions_and_top_caption_clean_and_attacked(coco, tmp_path):  # noqa: F811
+def test_retrieval_saves_each_images_captions_and_top_caption_clean_and_attacked(coco, tmp_path):
     from dvd.cli import main
 
     samples = tmp_path / "samples"

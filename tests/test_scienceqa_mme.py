@@ -13,7 +13,6 @@ from PIL import Image
 from dvd.cli import main
 from dvd.data.mme import MME
 from dvd.data.scienceqa import is_correct, parse_letter, read_scienceqa, scienceqa_split
-from dvd.data.shapesworld import generate
 from dvd.data.shapesworld_reasoning import SCIENCEQA_FILE, mme_questions, write_reasoning_sets
 from dvd.data.shapesworld_scenes import Scene
 from dvd.data.transforms import image_transform
@@ -28,14 +27,6 @@ from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 FAST = ["--limit", "6", "--batch-size", "3", "--steps", "2", "--max-new-tokens", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def held_out_scenes(root: Path) -> list[tuple[int, str, Scene]]:
     scenes = json.loads((root / "images" / "scenes.json").read_text())
     held_out = [s for s in scenes if s["file_name"].startswith("test/")]
@@ -43,21 +34,15 @@ def held_out_scenes(root: Path) -> list[tuple[int, str, Scene]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("reasoning") / "world"
-    generate(root, size=50, eval_size=20, image_size=IMAGE_SIZE)
-    write_reasoning_sets(root, 0, held_out_scenes(root))  # the one call the world writer makes
-    return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(world: Path) -> Path:
-    texts = list(texts_from_files([world / SCIENCEQA_FILE]))
-    texts += [line for p in sorted((world / "mme").rglob("*.txt")) for line in p.read_text().splitlines()]
+def checkpoint(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random VLM whose tokenizer covers the ScienceQA and MME texts and the answer letters."""
+    texts = list(texts_from_files([shapesworld / SCIENCEQA_FILE]))
+    mme = sorted((shapesworld / "mme").rglob("*.txt"))
+    texts += [line for p in mme for line in p.read_text().splitlines()]
     torch.manual_seed(0)
     tokenizer = build_tokenizer([*texts, "A B C D E yes no"])
     model = create_vlm(tiny_tower(), TINY_LLAMA, tokenizer=tokenizer, template="vicuna_v1_short")
-    return save_vlm(model, world.parent / "tiny-dvd")
+    return save_vlm(model, tmp_path_factory.mktemp("reasoning") / "tiny-dvd")
 
 
 # --- the scoring rules, as LLaVA's eval_science_qa.py and MME's calculation.py apply them ------------
@@ -169,15 +154,15 @@ def test_mme_reader_takes_both_folder_layouts(tmp_path):
 
 
 # --- ShapesWorld writes both formats -----------------------------------------------------------------
-def test_shapesworld_questions_are_decided_by_the_scene(world):
-    scenes = {i: s for i, _, s in held_out_scenes(world)}
-    for entry in json.loads((world / SCIENCEQA_FILE).read_text()):
+def test_shapesworld_questions_are_decided_by_the_scene(shapesworld):
+    scenes = {i: s for i, _, s in held_out_scenes(shapesworld)}
+    for entry in json.loads((shapesworld / SCIENCEQA_FILE).read_text()):
         question = entry["conversations"][0]["value"]
         letter = parse_letter(entry["conversations"][1]["value"])
         chosen = question.split(f"({letter}) ")[1].split(" (")[0].split("\n")[0]
         scene = scenes[int(entry["id"])]
         assert chosen in (scene.shape, scene.color, {1: "one", 2: "two", 3: "three", 4: "four"}[scene.count])
-    data = MME(world / "mme", transform=None)
+    data = MME(shapesworld / "mme", transform=None)
     assert set(data.subtasks) <= {"existence", "count", "position", "color"} and "existence" in data.subtasks
     for record in data.records:
         fields = record["fields"]
@@ -187,13 +172,13 @@ def test_shapesworld_questions_are_decided_by_the_scene(world):
             assert (shape in scene.present_shapes) == (fields["label"] == "yes")
 
 
-def test_shapesworld_sets_are_byte_identical_for_a_seed(world, tmp_path):
-    (tmp_path / "images").symlink_to(world / "images")
-    write_reasoning_sets(tmp_path, 0, held_out_scenes(world))
-    assert (tmp_path / SCIENCEQA_FILE).read_bytes() == (world / SCIENCEQA_FILE).read_bytes()
-    some = sorted((world / "mme").rglob("*.txt"))[0]
-    assert (tmp_path / some.relative_to(world)).read_bytes() == some.read_bytes()
-    image_id, _, scene = held_out_scenes(world)[0]
+def test_shapesworld_sets_are_byte_identical_for_a_seed(shapesworld, tmp_path):
+    (tmp_path / "images").symlink_to(shapesworld / "images")
+    write_reasoning_sets(tmp_path, 0, held_out_scenes(shapesworld))
+    assert (tmp_path / SCIENCEQA_FILE).read_bytes() == (shapesworld / SCIENCEQA_FILE).read_bytes()
+    some = sorted((shapesworld / "mme").rglob("*.txt"))[0]
+    assert (tmp_path / some.relative_to(shapesworld)).read_bytes() == some.read_bytes()
+    image_id, _, scene = held_out_scenes(shapesworld)[0]
     assert mme_questions(image_id, scene, 0) == mme_questions(image_id, scene, 0)
 
 
@@ -203,8 +188,8 @@ def run(out: Path, *args: str) -> list:
     return read_rows(out)
 
 
-def test_scienceqa_command_clean_and_under_apgd(world, checkpoint, tmp_path):
-    args = ["eval", "scienceqa", "--model", str(checkpoint), "--data", str(world), "--attack", "apgd"]
+def test_scienceqa_command_clean_and_under_apgd(shapesworld, checkpoint, tmp_path):
+    args = ["eval", "scienceqa", "--model", str(checkpoint), "--data", str(shapesworld), "--attack", "apgd"]
     rows = run(tmp_path / "r.json", *args, "--eps", "4/255")
     assert sorted(r.metric for r in rows) == ["accuracy", "image_accuracy"]
     for row in rows:
@@ -215,13 +200,15 @@ def test_scienceqa_command_clean_and_under_apgd(world, checkpoint, tmp_path):
     assert image_row.n == 6
 
 
-def test_scienceqa_accounting_clean_and_under_attack(world, checkpoint, monkeypatch):
+def test_scienceqa_accounting_clean_and_under_attack(shapesworld, checkpoint, monkeypatch):
     """A model that answers an image question right only on the unperturbed image, and every text-only
     question right: under attack the image questions fall, the text-only ones stay in the overall number."""
     from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(checkpoint)
-    images, texts = scienceqa_split(world / SCIENCEQA_FILE, world / "images", transform=image_transform(32))
+    images, texts = scienceqa_split(
+        shapesworld / SCIENCEQA_FILE, shapesworld / "images", transform=image_transform(32)
+    )
     clean = {images[i]["question"]: (images[i]["image"], images[i]["answer"]) for i in range(len(images))}
     instruction = "\n" + sqa_eval.SCIENCEQA_PROMPT
 
@@ -248,9 +235,9 @@ def test_scienceqa_accounting_clean_and_under_attack(world, checkpoint, monkeypa
     assert (by_metric["accuracy"].n, by_metric["image_accuracy"].n) == (total, len(images))
 
 
-def test_mme_command_writes_subtask_rows_and_the_perception_score(world, checkpoint, tmp_path):
+def test_mme_command_writes_subtask_rows_and_the_perception_score(shapesworld, checkpoint, tmp_path):
     out = tmp_path / "m.json"
-    args = ["eval", "mme", "--model", str(checkpoint), "--data", str(world), "--out", str(out)]
+    args = ["eval", "mme", "--model", str(checkpoint), "--data", str(shapesworld), "--out", str(out)]
     assert main([*args, "--no-progress", "--max-new-tokens", "3"]) == 0
     rows = read_rows(out)
     perception = next(r for r in rows if r.metric == "perception")
@@ -260,12 +247,12 @@ def test_mme_command_writes_subtask_rows_and_the_perception_score(world, checkpo
     assert {(r.protocol, r.template) for r in rows} == {(None, "vicuna_v1_short")}
 
 
-def test_mme_rows_follow_the_answers(world, checkpoint, monkeypatch):
+def test_mme_rows_follow_the_answers(shapesworld, checkpoint, monkeypatch):
     from dvd.models.vlm_io import load_vlm
 
     model = load_vlm(checkpoint)
     monkeypatch.setattr(type(model), "generate", lambda self, x, prompts, **k: ["Yes"] * len(prompts))
-    rows = evaluate_mme(model, MME(world / "mme", transform=image_transform(32)), progress=False)
+    rows = evaluate_mme(model, MME(shapesworld / "mme", transform=image_transform(32)), progress=False)
     for row in rows:
         if row.metric == "accuracy":
             assert row.clean == 0.5  # one Yes and one No question per image

@@ -15,14 +15,6 @@ from dvd.eval.vqa import ranked_answers
 from tiny_models import IMAGE_SIZE, tiny_dvd_vlm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def saturated_images(n: int) -> torch.Tensor:
     """Random images with a band of exact 0s and 1s, so that the [0, 1] clipping is exercised."""
     x = torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))

@@ -9,59 +9,23 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from _eval_helpers import FAST, run, world_tokenizer
 from dvd.cli import main
-from dvd.data.shapesworld import generate
 from dvd.data.shapesworld_formats import DETAIL_PROMPTS
 from dvd.eval import vlm_attack as va
 from dvd.eval.captioning import cli as caption_cli
 from dvd.eval.captioning import instruct_caption_prompt
-from dvd.eval.results import ROW_KEYS, read_rows
-from dvd.models.vlm import build_tokenizer, create_vlm
+from dvd.eval.results import read_rows
 from dvd.models.vlm_hf import HFLlava
 from dvd.models.vlm_io import save_vlm
-from dvd.models.vlm_tokenizer import texts_from_files
-from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
-
-FAST = ["--limit", "4", "--batch-size", "2", "--steps", "2", "--max-new-tokens", "6", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tiny_models import IMAGE_SIZE, TINY_LLAMA
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vlm_eval") / "world"
-    generate(root, size=100, eval_size=20, image_size=IMAGE_SIZE)
-    return root
-
-
-def world_tokenizer(world: Path):
-    files = [
-        world / "captions" / "annotations.json",
-        world / "vqa" / "questions.json",
-        world / "vqa" / "annotations.json",
-        world / "llava" / "stage2_instruct.json",
-        *sorted((world / "pope").glob("*.jsonl")),
-    ]
-    return build_tokenizer([*texts_from_files(files), "maybe", "Word"])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(world: Path) -> Path:
+def hf_checkpoint(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HF LLaVA adapter over a tiny random LlavaForConditionalGeneration, ``tiny_vlm``'s tokenizer."""
     torch.manual_seed(0)
-    model = create_vlm(tiny_tower(), TINY_LLAMA, tokenizer=world_tokenizer(world), template="vicuna_v1_short")
-    return save_vlm(model, world.parent / "tiny-dvd")
-
-
-@pytest.fixture(scope="module")
-def hf_checkpoint(world: Path) -> Path:
-    torch.manual_seed(0)
-    tokenizer = world_tokenizer(world)
+    tokenizer = world_tokenizer(shapesworld)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -81,14 +45,7 @@ def hf_checkpoint(world: Path) -> Path:
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
     )
     model = HFLlava(LlavaForConditionalGeneration(config), tokenizer, template="vicuna_v1_short")
-    return save_vlm(model.eval(), world.parent / "tiny-hf-llava")
-
-
-def run(command: list[str], out: Path, *args: str) -> list:
-    assert main([*command, *args, "--out", str(out), *FAST]) == 0
-    assert [list(row) for row in json.loads(out.read_text())] == [list(ROW_KEYS)] * len(read_rows(out))
-    assert not Path(f"{out}.partial").exists()  # the resumable state is removed once the rows are written
-    return read_rows(out)
+    return save_vlm(model.eval(), tmp_path_factory.mktemp("hf_llava") / "tiny-hf-llava")
 
 
 def check_attacked(rows: list, *, task: str, metric: str, n: int) -> None:
@@ -99,14 +56,14 @@ def check_attacked(rows: list, *, task: str, metric: str, n: int) -> None:
         assert row.versions and row.seconds > 0
 
 
-def test_caption_writes_one_row_per_budget_with_robust_cider_at_most_clean(world, checkpoint, tmp_path):
+def test_caption_writes_one_row_per_budget_with_robust_cider_at_most_clean(shapesworld, tiny_vlm, tmp_path):
     rows = run(
         ["eval", "caption"],
         tmp_path / "r.json",
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--broken-at",
         "-1",
         "--references",
@@ -121,28 +78,28 @@ def test_caption_writes_one_row_per_budget_with_robust_cider_at_most_clean(world
     check_attacked(rows, task="caption", metric="cider", n=4)
 
 
-def test_caption_clean_only_is_an_eps_zero_row(world, checkpoint, tmp_path):
+def test_caption_clean_only_is_an_eps_zero_row(shapesworld, tiny_vlm, tmp_path):
     (row,) = run(
         ["eval", "caption"],
         tmp_path / "r.json",
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--attack",
         "none",
     )
     assert (row.eps, row.steps, row.attack, row.adversarial, row.n) == (0.0, 0, "none", None, 4)
 
 
-def test_the_hf_llava_adapter_goes_through_the_same_command(world, hf_checkpoint, tmp_path):
+def test_the_hf_llava_adapter_goes_through_the_same_command(shapesworld, hf_checkpoint, tmp_path):
     (row,) = run(
         ["eval", "caption"],
         tmp_path / "r.json",
         "--model",
         str(hf_checkpoint),
         "--data",
-        str(world),
+        str(shapesworld),
         "--eps",
         "4/255",
         "--attack",
@@ -154,14 +111,14 @@ def test_the_hf_llava_adapter_goes_through_the_same_command(world, hf_checkpoint
     assert (row.model, row.attack) == ("tiny-hf-llava", "apgd")
 
 
-def test_vqa_writes_vqa_accuracy_rows(world, checkpoint, tmp_path):
+def test_vqa_writes_vqa_accuracy_rows(shapesworld, tiny_vlm, tmp_path):
     rows = run(
         ["eval", "vqa"],
         tmp_path / "r.json",
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--broken-at",
         "-1",
         "--references",
@@ -173,14 +130,14 @@ def test_vqa_writes_vqa_accuracy_rows(world, checkpoint, tmp_path):
     check_attacked(rows, task="vqa", metric="vqa_accuracy", n=4)
 
 
-def test_pope_writes_every_metric_for_every_split(world, checkpoint, tmp_path):
+def test_pope_writes_every_metric_for_every_split(shapesworld, tiny_vlm, tmp_path):
     rows = run(
         ["eval", "pope"],
         tmp_path / "r.json",
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--attack",
         "apgd",
         "--eps",
@@ -194,14 +151,14 @@ def test_pope_writes_every_metric_for_every_split(world, checkpoint, tmp_path):
         assert row.metric == "yes_ratio" or row.adversarial <= row.clean
 
 
-def test_targeted_writes_success_and_exact_match_rows_per_target(world, checkpoint, tmp_path):
+def test_targeted_writes_success_and_exact_match_rows_per_target(shapesworld, tiny_vlm, tmp_path):
     rows = run(
         ["eval", "targeted"],
         tmp_path / "r.json",
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--target",
         "a red circle.",
         "--target",
@@ -219,12 +176,14 @@ def test_targeted_writes_success_and_exact_match_rows_per_target(world, checkpoi
         assert 0 <= row.clean <= 1 and 0 <= row.adversarial <= 1
 
 
-def test_an_interrupted_evaluation_resumes_and_gives_the_same_rows(world, checkpoint, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_resumes_and_gives_the_same_rows(
+    shapesworld, tiny_vlm, tmp_path, monkeypatch
+):
     args = [
         "--model",
-        str(checkpoint),
+        str(tiny_vlm),
         "--data",
-        str(world),
+        str(shapesworld),
         "--eps",
         "4/255",
         "--references",
@@ -255,8 +214,8 @@ def test_an_interrupted_evaluation_resumes_and_gives_the_same_rows(world, checkp
     assert (resumed.clean, resumed.adversarial, resumed.n) == (whole.clean, whole.adversarial, whole.n)
 
 
-def test_shapesworld_caption_prompt_is_the_instruction_datas_own(world):
-    assert instruct_caption_prompt(world / "llava" / "stage2_instruct.json") in DETAIL_PROMPTS
+def test_shapesworld_caption_prompt_is_the_instruction_datas_own(shapesworld):
+    assert instruct_caption_prompt(shapesworld / "llava" / "stage2_instruct.json") in DETAIL_PROMPTS
 
 
 @pytest.mark.parametrize(
@@ -274,10 +233,10 @@ def test_shapesworld_caption_prompt_is_the_instruction_datas_own(world):
         (["eval", "vqa"], ["--limit", "many"], "--limit"),
     ],
 )
-def test_bad_input_is_a_one_line_error(world, checkpoint, capsys, command, extra, message):
-    args = ["--model", str(checkpoint), "--data", str(world), *extra]
+def test_bad_input_is_a_one_line_error(shapesworld, tiny_vlm, capsys, command, extra, message):
+    args = ["--model", str(tiny_vlm), "--data", str(shapesworld), *extra]
     if None in args:  # drop "--data WORLD" and the None marker
-        args = [a for a in args if a not in ("--data", str(world), None)]
+        args = [a for a in args if a not in ("--data", str(shapesworld), None)]
     assert main([*command, *args, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dvd: error:") and message in err[-1]

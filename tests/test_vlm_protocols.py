@@ -29,14 +29,6 @@ from dvd.models.vlm_tokenizer import texts_from_files
 from tiny_models import IMAGE_SIZE, TINY_LLAMA, tiny_tower
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("protocols") / "world"

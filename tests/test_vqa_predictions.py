@@ -9,33 +9,33 @@ from pathlib import Path
 
 import pytest
 
+from _eval_helpers import FAST
 from dvd.cli import main
-from test_vlm_eval_commands import FAST, checkpoint, one_thread, world  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
-def test_dev(world: Path, tmp_path: Path) -> tuple[Path, Path]:  # noqa: F811
+def test_dev(shapesworld: Path, tmp_path: Path) -> tuple[Path, Path]:
     """VQAv2 test-dev style: questions by image id only, images named img_<id>.png, no annotations."""
-    doc = json.loads((world / "vqa" / "questions.json").read_text())
+    doc = json.loads((shapesworld / "vqa" / "questions.json").read_text())
     for question in doc["questions"]:
-        source = world / "images" / question.pop("image")
+        source = shapesworld / "images" / question.pop("image")
         (tmp_path / "images").mkdir(exist_ok=True)
         shutil.copy(source, tmp_path / "images" / f"img_{question['image_id']}.png")
     (tmp_path / "questions.json").write_text(json.dumps(doc))
     return tmp_path / "questions.json", tmp_path / "images"
 
 
-def vqa(checkpoint: Path, questions: Path, images: Path, *extra: str) -> int:  # noqa: F811
+def vqa(checkpoint: Path, questions: Path, images: Path, *extra: str) -> int:
     return main(["eval", "vqa", "--model", str(checkpoint), "--questions", str(questions), "--images",
                  str(images), *FAST, *extra])  # fmt: skip
 
 
 def test_questions_without_answers_give_clean_answers_in_the_submission_format(
-    checkpoint, test_dev, tmp_path  # noqa: F811
+    tiny_vlm, test_dev, tmp_path
 ) -> None:
     out, predictions = tmp_path / "r.json", tmp_path / "answers.json"
     args = ["--image-pattern", "img_{image_id}.png", "--attack", "none", "--predictions", str(predictions)]
-    assert vqa(checkpoint, *test_dev, *args, "--out", str(out)) == 0
+    assert vqa(tiny_vlm, *test_dev, *args, "--out", str(out)) == 0
     answers = json.loads(predictions.read_text())
     assert [sorted(a) for a in answers] == [["answer", "question_id"]] * 4
     assert [a["question_id"] for a in answers] == [1000, 1001, 1002, 1003]
@@ -53,9 +53,9 @@ def test_questions_without_answers_give_clean_answers_in_the_submission_format(
     ],
 )
 def test_what_cannot_run_without_answers_is_a_one_line_error(
-    checkpoint, test_dev, tmp_path, capsys, extra, message  # noqa: F811
+    tiny_vlm, test_dev, tmp_path, capsys, extra, message
 ) -> None:
     extra = [e.replace("P", str(tmp_path / "answers.json")) if e == "P" else e for e in extra]
-    code = vqa(checkpoint, *test_dev, *extra, "--out", str(tmp_path / "r.json"))
+    code = vqa(tiny_vlm, *test_dev, *extra, "--out", str(tmp_path / "r.json"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1], err

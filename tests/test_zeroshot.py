@@ -3,53 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import skimage
 import torch
 import torch.nn.functional as F
 
 import dvd.attacks
+from _photos import PHOTOS, TEMPLATES
 from dvd.cli import main
 from dvd.data.transforms import image_transform
 from dvd.data.zeroshot import load_zeroshot
 from dvd.eval.results import ROW_KEYS
 from dvd.eval.zeroshot import ZeroShotClassifier, build_text_classifier, evaluate_zeroshot
 from dvd.models.clip import DvdCLIP, create_clip, load_clip, save_clip
-
-# scikit-image's sample photos (shipped inside the package), 2-3 per class folder
-PHOTOS = {
-    "person": ["astronaut.png", "camera.png"],
-    "cat": ["chelsea.png", "coffee.png"],
-    "space": ["rocket.jpg", "moon.png", "hubble_deep_field.jpg"],
-    "texture": ["brick.png", "grass.png", "gravel.png"],
-}
-TEMPLATES = ["a photo of a {c}.", "a blurry picture of the {c}."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ImageFolder of real photos (512 px and larger, some greyscale) with classnames and templates."""
-    root = tmp_path_factory.mktemp("zs") / "photos"
-    source = Path(skimage.data.__file__).parent
-    for name, files in PHOTOS.items():
-        (root / "test" / name).mkdir(parents=True)
-        for file in files:
-            shutil.copy(source / file, root / "test" / name / file)
-    (root / "classnames.txt").write_text("\n".join(sorted(PHOTOS)) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

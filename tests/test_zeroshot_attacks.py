@@ -11,7 +11,6 @@ import torch
 from dvd.cli import main
 from dvd.config import ConfigError
 from dvd.eval.zeroshot import resolve_attacks
-from test_zeroshot import photos  # noqa: F401  (fixture)
 
 
 def test_attack_names_resolve_to_ensembles():
@@ -22,7 +21,7 @@ def test_attack_names_resolve_to_ensembles():
         resolve_attacks("apgd-ce,fab")
 
 
-def test_cli_runs_a_comma_list_of_attacks_and_names_it_in_the_rows(photos: Path, tmp_path: Path):  # noqa: F811
+def test_cli_runs_a_comma_list_of_attacks_and_names_it_in_the_rows(photos: Path, tmp_path: Path):
     out = tmp_path / "results.json"
     args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(photos), "--eps", "8/255",
             "--attack", "apgd-ce,fab-t", "--steps", "3", "--limit", "4", "--eot", "1", "--out", str(out),
@@ -33,7 +32,7 @@ def test_cli_runs_a_comma_list_of_attacks_and_names_it_in_the_rows(photos: Path,
     assert 0 <= row["adversarial"] <= row["clean"]
 
 
-def test_cli_refuses_a_bad_eot(photos: Path, tmp_path: Path, capsys):  # noqa: F811
+def test_cli_refuses_a_bad_eot(photos: Path, tmp_path: Path, capsys):
     args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(photos), "--eot", "0",
             "--out", str(tmp_path / "r.json")]
     assert main(args) != 0
@@ -42,7 +41,7 @@ def test_cli_refuses_a_bad_eot(photos: Path, tmp_path: Path, capsys):  # noqa: F
 
 @pytest.mark.parametrize("attack", ["aa", "pgd"])
 def test_save_samples_keeps_every_prediction_and_adversarial_image(
-    photos: Path, tmp_path: Path, attack: str  # noqa: F811
+    photos: Path, tmp_path: Path, attack: str
 ):
     import torch
 
@@ -86,7 +85,7 @@ class QuantisedCLIP(torch.nn.Module):
 
 
 @pytest.mark.slow  # Square's 5000 queries on the survivors: about 20 s here
-def test_a_row_records_that_masked_gradients_were_escalated(photos: Path):  # noqa: F811
+def test_a_row_records_that_masked_gradients_were_escalated(photos: Path):
     from dvd.data.transforms import image_transform
     from dvd.data.zeroshot import load_zeroshot
     from dvd.eval.zeroshot import evaluate_zeroshot

@@ -26,14 +26,6 @@ from dvd.eval.zeroshot import ZeroShotClassifier
 from dvd.models.clip import create_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def png(value: int, size: int = 8) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((size, size, 3), value % 256, dtype=np.uint8)).save(buffer, format="PNG")
