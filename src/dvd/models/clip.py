@@ -25,7 +25,7 @@ from torch import nn
 from dvd.config import ConfigError, suggest
 from dvd.io import atomic_write, read_json, versions, write_json
 from dvd.models import clip_hub
-from dvd.models.clip_weights import load_vision_weights
+from dvd.models.clip_weights import load_pickle, load_vision_weights
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 CONFIG_NAME = "open_clip_config.json"
@@ -357,13 +357,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix != ".safetensors":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
-            raise ConfigError(
-                f"refusing to unpickle {path}: it is not a plain state dict ({type(error).__name__}); "
-                "convert it to .safetensors with a tool you trust"
-            ) from None
+        state = load_pickle(path, refusal="it is not a plain state dict")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"refusing {path}: not a state dict of tensors; convert it to .safetensors")
