@@ -98,6 +98,16 @@ class SampleTask(Protocol):
 
 
 @dataclass
+class QuestionTask:
+    """The prompt of a question-answering :class:`SampleTask`: the item's question, then ``suffix``."""
+
+    suffix: str
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        return item["question"] + self.suffix
+
+
+@dataclass
 class BudgetResult:
     """The outputs of one budget: ``samples`` (dicts with ``position``, ``outputs`` (clean first) and the
     task's own fields), the row's ``attack`` name and ``steps``, the wall time and the unreadable samples
