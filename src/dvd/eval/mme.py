@@ -95,8 +95,6 @@ def evaluate_mme(
         task_name="mme",
         attack="none",
         stages=[],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     scores = mme_scores([{**s, "output": s["outputs"][0]} for s in budget.samples])

@@ -117,8 +117,6 @@ def evaluate_pope(
         task_name="pope",
         attack=spec.attack,
         stages=[stage] if spec.attack != "none" else [],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     rows = []

@@ -189,7 +189,6 @@ def evaluate_vqa(
         attack=ATTACK_NAMES[spec.attack],
         stages=stages,
         broken_at=broken_at,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     rows = []
@@ -220,8 +219,6 @@ def vqa_predictions(
         task_name="vqa-predictions",
         attack="none",
         stages=[],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     return [{"question_id": s["question_id"], "answer": s["outputs"][0].strip()} for s in budget.samples]
