@@ -24,7 +24,7 @@ from .norms import (
     random_start,
 )
 from .objectives import Objective
-from .tracking import AttackResult, Tracker, broadcast, compaction_interval
+from .tracking import AttackResult, Tracker, broadcast, compaction_interval, images_only
 
 MOMENTUM = 0.75  # alpha in the paper: weight of the new gradient step against the previous update
 
@@ -198,19 +198,7 @@ def apgd_attack(
     return tracker.result()
 
 
-def apgd(
-    objective: Objective,
-    x: Tensor,
-    *,
-    eps: float,
-    steps: int = 100,
-    norm: str = "linf",
-    n_restarts: int = 1,
-    rho: float = 0.75,
-    generator: torch.Generator | None = None,
-    early_stop: bool = True,
-    x_init: Tensor | None = None,
-) -> Tensor:
-    """APGD adversarial images: the first successful point per sample, else its highest-loss point."""
-    return apgd_attack(objective, x, eps=eps, steps=steps, norm=norm, n_restarts=n_restarts, rho=rho,
-                       generator=generator, early_stop=early_stop, x_init=x_init).adversarial
+apgd = images_only(
+    apgd_attack,
+    "APGD adversarial images: the first successful point per sample, else its highest-loss point.",
+)

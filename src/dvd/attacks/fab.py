@@ -17,7 +17,7 @@ from torch import Tensor
 from .gradients import frozen_parameters, value_and_grad
 from .norms import check_budget, check_images, check_norm
 from .objectives import Objective
-from .tracking import AttackResult, Tracker, broadcast
+from .tracking import AttackResult, Tracker, broadcast, images_only
 
 
 def _norm(d: Tensor, norm: str) -> Tensor:
@@ -121,17 +121,4 @@ def fab_attack(
     return tracker.result()
 
 
-def fab(
-    objective: Objective,
-    x: Tensor,
-    *,
-    eps: float,
-    steps: int = 100,
-    norm: str = "linf",
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-) -> Tensor:
-    """FAB adversarial images (see :func:`fab_attack`)."""
-    return fab_attack(objective, x, eps=eps, steps=steps, norm=norm, alpha_max=alpha_max, eta=eta,
-                      beta=beta).adversarial
+fab = images_only(fab_attack, "FAB adversarial images (see :func:`fab_attack`).")

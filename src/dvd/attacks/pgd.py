@@ -13,7 +13,7 @@ from .gradients import frozen_parameters, value_and_grad
 from .norms import ascent_direction, check_budget, check_images, check_norm, make_generator, project
 from .norms import random_start as random_point
 from .objectives import Objective
-from .tracking import AttackResult, broadcast, compaction_interval
+from .tracking import AttackResult, broadcast, compaction_interval, images_only
 
 
 def pgd_attack(
@@ -86,18 +86,4 @@ def pgd_attack(
     return AttackResult(adversarial, success, loss)
 
 
-def pgd(
-    objective: Objective,
-    x: Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float | None = None,
-    norm: str = "linf",
-    random_start: bool = True,
-    generator: torch.Generator | None = None,
-    early_stop: bool = False,
-) -> Tensor:
-    """PGD adversarial images (see :func:`pgd_attack`)."""
-    return pgd_attack(objective, x, eps=eps, steps=steps, step_size=step_size, norm=norm,
-                      random_start=random_start, generator=generator, early_stop=early_stop).adversarial
+pgd = images_only(pgd_attack, "PGD adversarial images (see :func:`pgd_attack`).")

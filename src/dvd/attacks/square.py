@@ -16,7 +16,7 @@ from torch import Tensor
 from .gradients import frozen_parameters
 from .norms import check_budget, check_images, check_norm, make_generator
 from .objectives import Objective
-from .tracking import AttackResult, Tracker, broadcast, compaction_interval
+from .tracking import AttackResult, Tracker, broadcast, compaction_interval, images_only
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which p is halved
 
@@ -113,17 +113,4 @@ def square_attack(
     return tracker.result()
 
 
-def square(
-    objective: Objective,
-    x: Tensor,
-    *,
-    eps: float,
-    queries: int = 5000,
-    p_init: float = 0.8,
-    norm: str = "linf",
-    generator: torch.Generator | None = None,
-    early_stop: bool = True,
-) -> Tensor:
-    """Square Attack adversarial images (see :func:`square_attack`)."""
-    return square_attack(objective, x, eps=eps, queries=queries, p_init=p_init, norm=norm,
-                         generator=generator, early_stop=early_stop).adversarial
+square = images_only(square_attack, "Square Attack adversarial images (see :func:`square_attack`).")

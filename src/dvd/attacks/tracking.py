@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,20 @@ class AttackResult:
     adversarial: Tensor
     success: Tensor
     loss: Tensor
+
+
+def images_only(attack: Callable[..., AttackResult], doc: str) -> Callable[..., Tensor]:
+    """The public form of ``attack`` (``name_attack`` -> ``name``): same arguments, returns only the
+    adversarial images. Its signature, for help and introspection, is the attack's."""
+
+    @functools.wraps(attack)
+    def images(objective, x: Tensor, **settings) -> Tensor:
+        return attack(objective, x, **settings).adversarial
+
+    images.__name__ = images.__qualname__ = attack.__name__.removesuffix("_attack")
+    images.__doc__ = doc
+    images.__signature__ = inspect.signature(attack).replace(return_annotation=Tensor)
+    return images
 
 
 def broadcast(mask: Tensor, like: Tensor) -> Tensor:

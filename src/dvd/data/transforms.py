@@ -31,6 +31,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def check_image_batch(images: torch.Tensor, image_size: int, *, expected: str, taker: str) -> None:
+    """Refuse anything but (B, 3, image_size, image_size) images; the error names ``expected`` (the
+    shape wanted) and ``taker`` (what takes ``image_size``), and how to resize."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape {expected}, got {tuple(images.shape)}")
+    if images.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but {taker} takes "
+            f"{image_size}x{image_size}; resize with image_transform({image_size})"
+        )
+
+
 def image_transform(image_size: int, *, train: bool = False) -> ImageTransform:
     """open_clip's preprocessing minus normalisation.
 

@@ -180,7 +180,6 @@ def evaluate_captioning(
         attack=ATTACK_NAMES[spec.attack],
         stages=stages,
         broken_at=broken_at,
-        max_new_tokens=spec.max_new_tokens,
         settings={"prompt": prompt},
     )
     rows = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +63,8 @@ def mme_scores(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]
     return out
 
 
-@dataclass
-class _MME:
+class _MME(va.QuestionTask):
     """The task for :func:`dvd.eval.vlm_attack.evaluate_outputs` (clean only)."""
-
-    suffix: str
-
-    def prompt(self, item: dict[str, Any]) -> str:
-        return item["question"] + self.suffix
 
     def references(self, position: int, item: dict[str, Any]) -> list[str]:
         return ["Yes" if item["label"] == "yes" else "No"]
@@ -102,8 +95,6 @@ def evaluate_mme(
         task_name="mme",
         attack="none",
         stages=[],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     scores = mme_scores([{**s, "output": s["outputs"][0]} for s in budget.samples])

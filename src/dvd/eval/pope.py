@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +76,8 @@ POPE_ATTACKS = ("none", "apgd")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt suffix
 
 
-@dataclass
-class _Pope:
+class _Pope(va.QuestionTask):
     """The POPE task for :func:`dvd.eval.vlm_attack.evaluate_outputs`: attack the NLL of the right answer."""
-
-    suffix: str
-
-    def prompt(self, item: dict[str, Any]) -> str:
-        return item["question"] + self.suffix
 
     def references(self, position: int, item: dict[str, Any]) -> list[str]:
         return [item["label"]]
@@ -124,8 +117,6 @@ def evaluate_pope(
         task_name="pope",
         attack=spec.attack,
         stages=[stage] if spec.attack != "none" else [],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     rows = []

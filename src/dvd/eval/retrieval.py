@@ -38,7 +38,7 @@ from dvd.eval.batching import evaluation_mode
 from dvd.eval.clip_cli import DEFAULT_EPS, add_clip_arguments, finish, load_clip, wds_path, write_marked
 from dvd.eval.results import ResultRow, eps_text, state_path
 from dvd.eval.samples import retrieval_records, writer_for
-from dvd.eval.spec import EvalSpec
+from dvd.eval.spec import EvalSpec, clip_defaults
 from dvd.io import atomic_write
 
 __all__ = ["DEFAULT_EPS", "evaluate_retrieval", "image_to_text_hits", "recall_at_k", "text_to_image_hits"]
@@ -96,14 +96,7 @@ def evaluate_retrieval(
     ``spec`` (or its fields as keywords) holds the common settings: attack ``apgd`` (default), ``pgd`` or
     ``none``, 64 images a batch. ``spec.save_samples``: a directory for per-image records and adversarial
     images (:mod:`dvd.eval.samples`)."""
-    spec = EvalSpec.of(
-        spec,
-        settings,
-        attack="apgd",
-        batch_size=64,
-        model_name=getattr(model, "model_name", "model"),
-        dataset_name=data.name,
-    )
+    spec = EvalSpec.of(spec, settings, **clip_defaults(model, data), attack="apgd")
     attack, batch_size = str(spec.attack), int(spec.batch_size or 64)
     if attack not in ATTACKS:
         raise ConfigError(f"unknown retrieval attack {attack!r}{suggest(attack, ATTACKS)}")

@@ -121,8 +121,6 @@ def evaluate_scienceqa(
             task_name="scienceqa",
             attack=spec.attack,
             stages=[stage] if spec.attack != "none" else [],
-            broken_at=0.0,
-            max_new_tokens=spec.max_new_tokens,
             settings={"instruction": instruction},
         )
     rows = []

@@ -20,6 +20,11 @@ from dvd.io import versions
 VLM_DEFAULTS: dict[str, Any] = {"precision": "auto", "batch_size": 8, "model_name": "model"}
 
 
+def clip_defaults(model: Any, data: Any) -> dict[str, Any]:
+    """The CLIP evaluators' defaults: 64 images a batch, the model's and the dataset's names."""
+    return {"batch_size": 64, "model_name": getattr(model, "model_name", "model"), "dataset_name": data.name}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
     """The common settings of one evaluation run. ``None`` means "the evaluator's own default"

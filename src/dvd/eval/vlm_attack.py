@@ -98,6 +98,16 @@ class SampleTask(Protocol):
 
 
 @dataclass
+class QuestionTask:
+    """The prompt of a question-answering :class:`SampleTask`: the item's question, then ``suffix``."""
+
+    suffix: str
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        return item["question"] + self.suffix
+
+
+@dataclass
 class BudgetResult:
     """The outputs of one budget: ``samples`` (dicts with ``position``, ``outputs`` (clean first) and the
     task's own fields), the row's ``attack`` name and ``steps``, the wall time and the unreadable samples
@@ -172,17 +182,19 @@ def evaluate_outputs(
     task_name: str,
     attack: str,
     stages: Sequence[Stage],
-    broken_at: float,
-    max_new_tokens: int,
     settings: dict[str, Any],
+    broken_at: float = 0.0,
+    max_new_tokens: int | None = None,
 ) -> list[BudgetResult]:
     """Greedy outputs for every item of ``data``, clean and under the worst-case ensemble, per budget of
     ``spec.eps_list`` (``attack`` is the rows' attack name; no ``stages``: the clean outputs only, at eps 0).
 
     ``settings`` (everything else the outputs depend on) goes into the resume key; the model is in eval
     mode with frozen parameters meanwhile. ``spec.save_samples``: a directory for per-sample records and
-    worst-case images (:mod:`dvd.eval.samples`).
+    worst-case images (:mod:`dvd.eval.samples`). ``max_new_tokens`` defaults to the spec's.
     """
+    if max_new_tokens is None:
+        max_new_tokens = spec.max_new_tokens
     eps_list = spec.eps_list if stages else [0.0]
     results = []
     with evaluation_mode(model):

@@ -14,7 +14,6 @@ import contextlib
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,14 +137,8 @@ def ranked_answers(answers: Sequence[str]) -> list[str]:
     return [first[k] for k in sorted(counts, key=lambda k: -counts[k])]  # sorted() is stable
 
 
-@dataclass
-class _VQA:
+class _VQA(va.QuestionTask):
     """The VQA task for :func:`dvd.eval.vlm_attack.evaluate_outputs`."""
-
-    suffix: str
-
-    def prompt(self, item: dict[str, Any]) -> str:
-        return item["question"] + self.suffix
 
     def references(self, position: int, item: dict[str, Any]) -> list[str]:
         return ranked_answers(item["answers"])
@@ -196,7 +189,6 @@ def evaluate_vqa(
         attack=ATTACK_NAMES[spec.attack],
         stages=stages,
         broken_at=broken_at,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     rows = []
@@ -227,8 +219,6 @@ def vqa_predictions(
         task_name="vqa-predictions",
         attack="none",
         stages=[],
-        broken_at=0.0,
-        max_new_tokens=spec.max_new_tokens,
         settings={"suffix": suffix},
     )
     return [{"question_id": s["question_id"], "answer": s["outputs"][0].strip()} for s in budget.samples]

@@ -23,7 +23,7 @@ from dvd.config import ConfigError
 from dvd.eval.batching import evaluation_mode, stream_batches, total_samples
 from dvd.eval.results import ResultRow, eps_text, flag_rising_robustness, load_state, save_state, state_path
 from dvd.eval.samples import classification_records, writer_for
-from dvd.eval.spec import EvalSpec
+from dvd.eval.spec import EvalSpec, clip_defaults
 from dvd.eval.zeroshot_carry import Carry, Outcome, merge
 from dvd.eval.zeroshot_classifier import (
     ZeroShotClassifier,
@@ -57,14 +57,7 @@ def evaluate_zeroshot(
     (:mod:`dvd.eval.samples`). Budgets are evaluated in ascending order; with ``carry_over`` a sample not
     robust at a smaller eps is not attacked again at a larger one (:mod:`dvd.eval.zeroshot_carry`).
     """
-    spec = EvalSpec.of(
-        spec,
-        settings,
-        attack="apgd-ce",
-        batch_size=64,
-        model_name=getattr(model, "model_name", "model"),
-        dataset_name=data.name,
-    )
+    spec = EvalSpec.of(spec, settings, **clip_defaults(model, data), attack="apgd-ce")
     attacks = resolve_attacks(spec.attack)
     budgets = [0.0] if spec.attack == "none" else sorted({float(e) for e in spec.eps_list})
     if not budgets:

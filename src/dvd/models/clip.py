@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dvd.config import ConfigError, suggest
+from dvd.data.transforms import check_image_batch
 from dvd.io import atomic_write, read_json, versions, write_json
 from dvd.models import clip_hub
-from dvd.models.clip_weights import load_vision_weights
+from dvd.models.clip_weights import load_pickle, load_vision_weights
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 CONFIG_NAME = "open_clip_config.json"
@@ -98,13 +99,7 @@ class DvdCLIP(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map [0, 1] images of the model's size to the model's normalised input."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {images.shape[-2]}x{images.shape[-1]} but {self.model_name} takes "
-                f"{self.image_size}x{self.image_size}; resize with image_transform({self.image_size})"
-            )
+        check_image_batch(images, self.image_size, expected="(B, 3, H, W)", taker=str(self.model_name))
         return (images - self.mean) / self.std
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -357,13 +352,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix != ".safetensors":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
-            raise ConfigError(
-                f"refusing to unpickle {path}: it is not a plain state dict ({type(error).__name__}); "
-                "convert it to .safetensors with a tool you trust"
-            ) from None
+        state = load_pickle(path, refusal="it is not a plain state dict")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"refusing {path}: not a state dict of tensors; convert it to .safetensors")

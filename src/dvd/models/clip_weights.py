@@ -20,6 +20,18 @@ WRAPPER_KEYS = ("vision_encoder_state_dict", "state_dict", "model")  # TeCoA, ge
 PREFIXES = ("module.", "visual.", "model.visual.")
 
 
+def load_pickle(path: Path, *, refusal: str) -> object:
+    """``torch.load(path, weights_only=True)``; a file that needs more than that is refused with a
+    ConfigError saying ``refusal`` and how to convert it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not plain tensors"
+        raise ConfigError(
+            f"refusing to unpickle {path}: {refusal} ({type(error).__name__}); "
+            "convert it to .safetensors with a tool you trust"
+        ) from None
+
+
 def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The vision tower's tensors from ``path`` (safetensors, or a pickle of plain tensors)."""
     path = Path(path)
@@ -28,13 +40,7 @@ def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means "not plain tensors"
-            raise ConfigError(
-                f"refusing to unpickle {path}: it holds more than plain tensors ({type(error).__name__}); "
-                "convert it to .safetensors with a tool you trust"
-            ) from None
+        state = load_pickle(path, refusal="it holds more than plain tensors")
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from torch import nn
 
+from dvd.data.transforms import check_image_batch
 from dvd.models.vlm_conversation import (
     IGNORE_INDEX,
     ConversationTemplate,
@@ -109,13 +110,9 @@ class VisionLanguageModel(nn.Module):
         return self.causal_lm().get_input_embeddings().weight.device
 
     def check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {images.shape[-2]}x{images.shape[-1]} but the vision tower takes "
-                f"{self.image_size}x{self.image_size}; resize with image_transform({self.image_size})"
-            )
+        check_image_batch(
+            images, self.image_size, expected="(B, 3, H, W) in [0, 1]", taker="the vision tower"
+        )
 
     def embed(self, images: torch.Tensor, batch: VLMBatch) -> torch.Tensor:
         """Token embeddings with the projected image features scattered into the image-token positions."""

@@ -58,10 +58,10 @@ from dvd.train.clip_losses import ContrastiveLoss, ContrastiveStep, FareLoss, Im
 from dvd.train.clip_resolution import Resolution, build_phases
 from dvd.train.command import training_cli
 from dvd.train.distributed import DistEnv, unwrap, wrap_model
-from dvd.train.precision import module_mode, training_precision
+from dvd.train.precision import module_mode
 from dvd.train.rng import seed_everything
 from dvd.train.scratch import random_init_expected
-from dvd.train.setup import Job, run_job, training_process
+from dvd.train.setup import Job, train_job
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,10 +92,7 @@ def load_start_model(cfg: ClipTrainConfig, device: torch.device) -> DvdCLIP:
 
 def train_clip(cfg: ClipTrainConfig) -> dict[str, Any]:
     """Run one ``dvd train clip`` job (single process or under torchrun); returns a summary."""
-    cfg = check_config(cfg)
-    with training_process(cfg) as env:
-        precision = training_precision(cfg.precision, env.device)
-        return run_job(cfg, env, precision, clip_job(cfg, env))
+    return train_job(check_config(cfg), clip_job)
 
 
 def clip_job(cfg: ClipTrainConfig, env: DistEnv) -> Job:

@@ -25,7 +25,7 @@ from dvd.train.distributed import DistEnv, barrier, is_fsdp, setup_distributed, 
 from dvd.train.logger import MetricLogger
 from dvd.train.loop import LoopSettings, LossFn, fit
 from dvd.train.output import claim_output_dir
-from dvd.train.precision import grad_scaler
+from dvd.train.precision import grad_scaler, training_precision
 from dvd.train.schedule import CosineSchedule, NonFiniteGuard
 from dvd.train.stream import DataStream
 
@@ -35,6 +35,7 @@ class LoopConfig(Protocol):
 
     output_dir: str
     device: str
+    precision: str
     seed: int
     accum_steps: int
     lr: float
@@ -92,6 +93,14 @@ def training_process(cfg: LoopConfig) -> Iterator[DistEnv]:
             yield env
     finally:
         teardown_distributed()
+
+
+def train_job(cfg: LoopConfig, make_job: Callable[[Any, DistEnv], Job]) -> dict[str, Any]:
+    """Run the job ``make_job(cfg, env)`` builds for a checked ``cfg`` (a :class:`LoopConfig`) in this
+    process (single process or under torchrun); returns the summary."""
+    with training_process(cfg) as env:
+        precision = training_precision(cfg.precision, env.device)
+        return run_job(cfg, env, precision, make_job(cfg, env))
 
 
 def run_job(cfg: LoopConfig, env: DistEnv, precision: str, job: Job) -> dict[str, Any]:

@@ -33,10 +33,9 @@ from dvd.train.checkpoint import full_model_state, non_finite_tensors
 from dvd.train.clip_data import make_loader_factory
 from dvd.train.command import training_cli
 from dvd.train.distributed import DistEnv, is_fsdp, unwrap, wrap_model
-from dvd.train.precision import training_precision
 from dvd.train.rng import seed_everything
 from dvd.train.schedule import TrainingDiverged
-from dvd.train.setup import Job, run_job, training_process
+from dvd.train.setup import Job, train_job
 from dvd.train.vlm_config import VlmTrainConfig, check_config
 from dvd.train.vlm_data import DataSource, build_conversations, resolve_source
 from dvd.train.vlm_model import build_vlm, fsdp_units, merge_lora, optimizer_groups
@@ -48,10 +47,7 @@ from dvd.train.vlm_step import InstructionLoss, InstructionStep
 
 def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
     """Run one ``dvd train vlm`` job (single process or under torchrun); returns a summary."""
-    cfg = check_config(cfg)
-    with training_process(cfg) as env:
-        precision = training_precision(cfg.precision, env.device)
-        return run_job(cfg, env, precision, vlm_job(cfg, env))
+    return train_job(check_config(cfg), vlm_job)
 
 
 def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
