@@ -19,44 +19,12 @@ import logging
 import time
 
 import torch
+from attack_throughput import digits, small_cnn, train  # the throughput benchmark's CNN and data
 from pyautoattack import AutoAttack
-from sklearn.datasets import load_digits
 from torch import nn
 
 from dvd.attacks import evaluate_robustness
 from dvd.attacks.escalation import fresh_draw_accuracy
-
-
-def digits(n_test: int) -> tuple[torch.Tensor, ...]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400 : 1400 + n_test]
-    return x[train], y[train], x[test], y[test]
-
-
-def trained_cnn(x: torch.Tensor, y: torch.Tensor) -> nn.Sequential:
-    torch.manual_seed(0)
-    cnn = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
-    optimizer = torch.optim.Adam(cnn.parameters(), lr=1e-2)
-    order = torch.Generator().manual_seed(1)
-    for _ in range(15):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), 128):
-            idx = perm[i : i + 128]
-            loss = nn.functional.cross_entropy(cnn(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return cnn.eval()
 
 
 class Quantised(nn.Module):
@@ -69,7 +37,7 @@ class Quantised(nn.Module):
 
 
 class Detached(nn.Module):
-    def __init__(self, model: nn.Sequential) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -111,8 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
-    x_train, y_train, x, y = digits(args.n)
-    cnn = trained_cnn(x_train, y_train)
+    x_train, y_train, x, y = digits()
+    x, y = x[: args.n], y[: args.n]
+    torch.manual_seed(0)
+    cnn = train(small_cnn(), x_train, y_train)
     models = {"plain": cnn, "quantised": Quantised(cnn), "detached": Detached(cnn), "noisy": Noisy(cnn)}
     results = {}
     for name, model in models.items():
