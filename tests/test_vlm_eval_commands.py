@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from _eval_helpers import FAST, run, world_tokenizer
 from dvd.cli import main
@@ -16,35 +14,14 @@ from dvd.eval import vlm_attack as va
 from dvd.eval.captioning import cli as caption_cli
 from dvd.eval.captioning import instruct_caption_prompt
 from dvd.eval.results import read_rows
-from dvd.models.vlm_hf import HFLlava
 from dvd.models.vlm_io import save_vlm
-from tiny_models import IMAGE_SIZE, TINY_LLAMA
+from tiny_models import tiny_hf_llava
 
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HF LLaVA adapter over a tiny random LlavaForConditionalGeneration, ``tiny_vlm``'s tokenizer."""
-    torch.manual_seed(0)
-    tokenizer = world_tokenizer(shapesworld)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
-    )
-    model = HFLlava(LlavaForConditionalGeneration(config), tokenizer, template="vicuna_v1_short")
+    model = tiny_hf_llava(0, tokenizer=world_tokenizer(shapesworld))
     return save_vlm(model.eval(), tmp_path_factory.mktemp("hf_llava") / "tiny-hf-llava")
 
 

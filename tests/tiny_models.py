@@ -72,9 +72,10 @@ def tiny_dvd_vlm(seed: int = 0):
     return create_vlm(tiny_tower(), TINY_LLAMA, tokenizer=tiny_tokenizer(), template="vicuna_v1_short").eval()
 
 
-def tiny_hf_llava(seed: int = 0) -> HFLlava:
+def tiny_hf_llava(seed: int = 0, tokenizer=None) -> HFLlava:
+    """The HF LLaVA adapter over a tiny random LLaVA (``tokenizer`` default: the tiny one)."""
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
