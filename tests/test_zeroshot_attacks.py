@@ -97,3 +97,36 @@ def test_a_row_records_that_masked_gradients_were_escalated(photos: Path):
     (row,) = evaluate_zeroshot(model, data, eps_list=[8 / 255], attack="apgd-ce", steps=2,
                                  limit=3, progress=False)
     assert "zero_gradients" in row.flags and "escalated" in row.flags
+
+
+def test_the_escalation_budget_is_a_setting(photos: Path, monkeypatch: pytest.MonkeyPatch):
+    """--escalation-queries sets the Square budget that runs when a masking check fires (default 5000)."""
+    from dvd.attacks import escalation
+    from dvd.data.transforms import image_transform
+    from dvd.data.zeroshot import load_zeroshot
+    from dvd.eval.zeroshot import evaluate_zeroshot
+    from dvd.models.clip import create_clip
+
+    budgets = []
+
+    def recording_square(*args, queries, **kwargs):
+        budgets.append(queries)
+        return square_attack(*args, queries=queries, **kwargs)
+
+    square_attack = escalation.square_attack
+    monkeypatch.setattr(escalation, "square_attack", recording_square)
+    torch.manual_seed(0)
+    model = QuantisedCLIP(create_clip("dvd-tiny-vit"))
+    data = load_zeroshot(photos, transform=image_transform(model.image_size), split="test")
+    (row,) = evaluate_zeroshot(model, data, eps_list=[8 / 255], attack="apgd-ce", steps=2, limit=3,
+                               progress=False, escalation_queries=30)
+    assert "escalated" in row.flags and budgets and set(budgets) == {30}
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_a_bad_escalation_budget_is_a_one_line_error(value: str, photos: Path):
+    from dvd.config import ConfigError
+    from dvd.eval.zeroshot import cli
+
+    with pytest.raises(ConfigError, match="--escalation-queries"):
+        cli(["--model", "dvd-tiny-vit", "--dataset", str(photos), "--escalation-queries", value])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from dvd.attacks.escalation import ESCALATION_QUERIES
 from dvd.config import ConfigError, positive_int
 from dvd.eval import options
 from dvd.eval.arguments import parse_common
@@ -79,6 +80,11 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--workers", default="0", help="DataLoader workers")
     parser.add_argument(
+        "--escalation-queries",
+        default=str(ESCALATION_QUERIES),
+        help="Square Attack queries when a gradient-masking check fires (default 5000: AutoAttack standard)",
+    )
+    parser.add_argument(
         "--no-carry-over",
         action="store_true",
         help="attack every sample at every budget (default: one already broken at a smaller eps is not)",
@@ -89,6 +95,7 @@ def cli(argv: Sequence[str]) -> int:
     if not args.dataset:
         raise ConfigError("give --dataset (repeatable) or --protocol robustvlm|dvd")
     eot = None if args.eot is None else positive_int(args.eot, "--eot")
+    escalation_queries = positive_int(args.escalation_queries, "--escalation-queries")
     workers = options.workers(args.workers)
     common = parse_common(args, kind="CLIP", check_attack=resolve_attacks, precision=args.attack_precision)
     model, transform = load_clip(args, common.spec.model_name)
@@ -98,6 +105,7 @@ def cli(argv: Sequence[str]) -> int:
         for name, data in found:
             spec = common.spec.replace(dataset_name=name)
             carry_over = not args.no_carry_over
-            rows = evaluate_zeroshot(model, data, spec, workers=workers, eot=eot, carry_over=carry_over)
+            rows = evaluate_zeroshot(model, data, spec, workers=workers, eot=eot, carry_over=carry_over,
+                                     escalation_queries=escalation_queries)
             all_rows += write_marked(common.out, rows, common.checkpoint)
     return finish(all_rows, common.out, common.state_dir)  # every (dataset, eps) of this run is in the file

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dvd import attacks as attack_library
+from dvd.attacks.escalation import ESCALATION_QUERIES
 from dvd.config import ConfigError
 from dvd.eval.batching import evaluation_mode, stream_batches, total_samples
 from dvd.eval.results import ResultRow, eps_text, flag_rising_robustness, load_state, save_state, state_path
@@ -43,6 +44,7 @@ def evaluate_zeroshot(
     workers: int = 0,
     eot: int | None = None,
     carry_over: bool = True,
+    escalation_queries: int = ESCALATION_QUERIES,
     **settings: Any,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``spec.eps_list``.
@@ -56,6 +58,8 @@ def evaluate_zeroshot(
     a randomised model). ``spec.save_samples``: a directory for per-sample records and adversarial images
     (:mod:`dvd.eval.samples`). Budgets are evaluated in ascending order; with ``carry_over`` a sample not
     robust at a smaller eps is not attacked again at a larger one (:mod:`dvd.eval.zeroshot_carry`).
+    ``escalation_queries``: the Square Attack's budget when a gradient-masking check fires (AutoAttack
+    standard's 5000 unless told; the rows' ``escalated`` flag states the budget used).
     """
     spec = EvalSpec.of(spec, settings, **clip_defaults(model, data), attack="apgd-ce")
     attacks = resolve_attacks(spec.attack)
@@ -85,6 +89,7 @@ def evaluate_zeroshot(
                 check=check,
                 fingerprint=fingerprint,
                 eot=eot,
+                escalation_queries=escalation_queries,
                 carry=carry if carry_over and eps > 0 else None,
                 carried_from=carried_from if carry_over and eps > 0 else None,
             )
@@ -110,6 +115,7 @@ class _Budget:
     workers: int
     fingerprint: str
     eot: int | None = None
+    escalation_queries: int = ESCALATION_QUERIES
     carry: Carry | None = None  # the samples of the next smaller budget (None: attack every sample)
     carried_from: float | None = None
     next_carry: Carry = field(default_factory=Carry)  # this budget's samples, for the next larger one
@@ -147,8 +153,14 @@ class _Budget:
             "check": self.check,
             "fingerprint": self.fingerprint,
             "eot": self.eot,
+            **self._escalation_key(),
             "carried_from": self.carried_from,
         }
+
+    def _escalation_key(self) -> dict[str, int]:
+        """The Square budget, only when not the default: states saved before the option still resume."""
+        queries = self.escalation_queries
+        return {} if queries == ESCALATION_QUERIES else {"escalation_queries": queries}
 
     def state_path(self, state_dir: str | Path | None) -> Path | None:
         if state_dir is None:
@@ -278,6 +290,7 @@ class _Budget:
             precision=self.spec.precision,
             check=self.check,
             eot=self.eot,
+            escalation_queries=self.escalation_queries,
         )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
         outcome = Outcome(
             result.clean_score.cpu(),
