@@ -23,13 +23,12 @@ from dvd.models.clip import create_clip
 DEFAULT_EPS = "1/255,2/255,4/255"
 
 
-def add_clip_arguments(
-    parser: argparse.ArgumentParser, *, model_help: str, attack: str, attack_help: str
-) -> None:
-    """The options of every CLIP evaluation: the common ones, the model's pretrained weights and precision."""
+def add_clip_arguments(parser: argparse.ArgumentParser, *, attack: str, attack_help: str) -> None:
+    """The options of every CLIP evaluation: the common ones (``--model`` as :func:`create_from_args` reads
+    it), the model's pretrained weights and precision."""
     add_common_arguments(
         parser,
-        model_help=model_help,
+        model_help="open_clip name, hf-hub:org/name, config .json or checkpoint dir",
         eps=DEFAULT_EPS,
         attack=attack,
         attack_help=attack_help,
