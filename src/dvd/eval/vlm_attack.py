@@ -2,9 +2,10 @@
 worst-case ensemble (:mod:`dvd.eval.vlm_ensemble`), per budget.
 
 Every output is stored, so the final per-sample minimum is taken again under the final scorer and
-robust <= clean by construction. The objective and ensemble live in :mod:`dvd.eval.vlm_objective` and
-:mod:`dvd.eval.vlm_ensemble`, the command-line side in :mod:`dvd.eval.vlm_cli`; their names are
-re-exported here, where the evaluations find them.
+robust <= clean by construction. :func:`reference_outputs` (captioning, VQA) and :func:`answer_outputs`
+(POPE, ScienceQA) choose the attack stages of the two kinds of evaluation. The objective and ensemble
+live in :mod:`dvd.eval.vlm_objective` and :mod:`dvd.eval.vlm_ensemble`, the command-line side in
+:mod:`dvd.eval.vlm_cli`; their names are re-exported here, where the evaluations find them.
 """
 
 from __future__ import annotations
