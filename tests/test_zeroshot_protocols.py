@@ -203,6 +203,15 @@ def test_limit_still_works_with_a_protocol(standins, tmp_path, quick) -> None:
     assert {r["n"] for r in json.loads(out.read_text())} == {3}
 
 
+def test_save_samples_reaches_every_dataset_and_budget_of_a_protocol(standins, tmp_path, quick) -> None:
+    samples = tmp_path / "samples"
+    flags = ("--skip-missing", "--limit", "2", "--save-samples", str(samples))
+    assert run(standins, tmp_path / "r.json", *flags) == 0
+    sets = sorted(samples.glob("zeroshot-*.jsonl"))
+    assert len(sets) == 6  # 3 datasets x 2 budgets
+    assert all(len(path.read_text().splitlines()) == 2 for path in sets)
+
+
 def test_protocol_and_dataset_flags_conflict_in_one_line(standins, tmp_path, capsys) -> None:
     assert run(standins, tmp_path / "r.json", "--dataset", str(standins)) == 2
     assert "fixes the datasets, budgets and attack; drop --dataset" in capsys.readouterr().err

@@ -28,8 +28,7 @@ from dvd.models.vlm_base import VisionLanguageModel
 __all__ = ["CiderScorer", "cider", "cider_per_image", "evaluate_captioning", "ptb_tokenize"]
 
 DEFAULT_PROMPT = "Provide a short caption for this image."  # LLaVA-1.5's COCO caption prompt in RobustVLM
-CAPTION_ATTACKS = ("ensemble", "apgd", "none")
-ATTACK_NAMES = {"ensemble": "apgd-ensemble", "apgd": "apgd", "none": "none"}
+CAPTION_ATTACKS = va.REFERENCE_ATTACKS
 SHORT_ANSWER_MARK = "single word or phrase"  # LLaVA's VQA suffix: those prompts are not caption prompts
 
 
@@ -165,21 +164,8 @@ def evaluate_captioning(
     end = len(data) if spec.limit is None else min(spec.limit, len(data))
     references = {i: list(data.records[i]["fields"]["captions"]) for i in range(end)}
     task = _Captioning(prompt, references, CiderScorer(references))  # the corpus idf, known up front
-    precision = va.resolve_precision(spec.precision, model.device)
-    stages = {
-        "ensemble": va.ensemble_stages(n_references, precision=precision),
-        "apgd": [va.Stage("ref0-fp32")],
-        "none": [],
-    }[spec.attack]
-    budgets = va.evaluate_outputs(
-        model,
-        data,
-        task,
-        spec=spec,
-        task_name="caption",
-        attack=ATTACK_NAMES[spec.attack],
-        stages=stages,
-        broken_at=broken_at,
+    budgets = va.reference_outputs(
+        model, data, task, spec=spec, task_name="caption", n_references=n_references, broken_at=broken_at,
         settings={"prompt": prompt},
     )
     rows = []

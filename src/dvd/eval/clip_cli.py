@@ -23,13 +23,12 @@ from dvd.models.clip import create_clip
 DEFAULT_EPS = "1/255,2/255,4/255"
 
 
-def add_clip_arguments(
-    parser: argparse.ArgumentParser, *, model_help: str, attack: str, attack_help: str
-) -> None:
-    """The options of every CLIP evaluation: the common ones, the model's pretrained weights and precision."""
+def add_clip_arguments(parser: argparse.ArgumentParser, *, attack: str, attack_help: str) -> None:
+    """The options of every CLIP evaluation: the common ones (``--model`` as :func:`create_from_args` reads
+    it), the model's pretrained weights and precision."""
     add_common_arguments(
         parser,
-        model_help=model_help,
+        model_help="open_clip name, hf-hub:org/name, config .json or checkpoint dir",
         eps=DEFAULT_EPS,
         attack=attack,
         attack_help=attack_help,
@@ -42,16 +41,21 @@ def add_clip_arguments(
     )
 
 
-def load_clip(args: argparse.Namespace, model_name: str) -> tuple[nn.Module, Any]:
-    """The CLIP named by ``--model`` / ``--pretrained`` (/ ``--vision-weights``) and its image transform."""
+def create_from_args(args: argparse.Namespace) -> nn.Module:
+    """The CLIP named by ``--model`` / ``--pretrained`` (/ ``--vision-weights``) on ``--device``."""
     torch.manual_seed(args.seed)  # a randomly initialised model (config JSON) is the same on every rerun
-    model = create_clip(
+    return create_clip(
         args.model,
         pretrained=args.pretrained,
         device=args.device,
         precision=args.precision,
         vision_weights=getattr(args, "vision_weights", None),
     )
+
+
+def load_clip(args: argparse.Namespace, model_name: str) -> tuple[nn.Module, Any]:
+    """The CLIP of :func:`create_from_args` and its image transform."""
+    model = create_from_args(args)
     print(
         f"{model_name}: images are resized (shortest side) and centre-cropped to the model's "
         f"{model.image_size}x{model.image_size} input",

@@ -108,16 +108,8 @@ def evaluate_pope(
     spec = EvalSpec.of(spec, settings, **defaults, attack="none", dataset_name="pope", max_new_tokens=10)
     if spec.attack not in POPE_ATTACKS:
         raise ValueError(f"unknown POPE attack {spec.attack!r}; choose from {', '.join(POPE_ATTACKS)}")
-    stage = va.Stage("label", precision=va.resolve_precision(spec.precision, model.device))
-    budgets = va.evaluate_outputs(
-        model,
-        data,
-        _Pope(suffix),
-        spec=spec,
-        task_name="pope",
-        attack=spec.attack,
-        stages=[stage] if spec.attack != "none" else [],
-        settings={"suffix": suffix},
+    budgets = va.answer_outputs(
+        model, data, _Pope(suffix), spec=spec, task_name="pope", stage="label", settings={"suffix": suffix}
     )
     rows = []
     for budget in budgets:

@@ -373,12 +373,7 @@ def _save_state(
 def cli(argv: Sequence[str]) -> int:
     """``dvd eval retrieval``: image->text and text->image recall@k, clean and with attacked images."""
     parser = argparse.ArgumentParser(prog="dvd eval retrieval", description=cli.__doc__)
-    add_clip_arguments(
-        parser,
-        model_help="open_clip name, hf-hub:org/name, config .json or checkpoint",
-        attack="apgd",
-        attack_help="apgd (default), pgd or none",
-    )
+    add_clip_arguments(parser, attack="apgd", attack_help="apgd (default), pgd or none")
     parser.add_argument(
         "--dataset",
         required=True,

@@ -112,15 +112,8 @@ def evaluate_scienceqa(
     if image_questions is None:  # one clean row pair over the text questions
         budgets = [va.BudgetResult(0.0, "none", 0, [], 0.0)]
     else:
-        stage = va.Stage("answer", precision=va.resolve_precision(spec.precision, model.device))
-        budgets = va.evaluate_outputs(
-            model,
-            image_questions,
-            task,
-            spec=spec,
-            task_name="scienceqa",
-            attack=spec.attack,
-            stages=[stage] if spec.attack != "none" else [],
+        budgets = va.answer_outputs(
+            model, image_questions, task, spec=spec, task_name="scienceqa", stage="answer",
             settings={"instruction": instruction},
         )
     rows = []

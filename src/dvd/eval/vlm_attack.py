@@ -2,9 +2,10 @@
 worst-case ensemble (:mod:`dvd.eval.vlm_ensemble`), per budget.
 
 Every output is stored, so the final per-sample minimum is taken again under the final scorer and
-robust <= clean by construction. The objective and ensemble live in :mod:`dvd.eval.vlm_objective` and
-:mod:`dvd.eval.vlm_ensemble`, the command-line side in :mod:`dvd.eval.vlm_cli`; their names are
-re-exported here, where the evaluations find them.
+robust <= clean by construction. :func:`reference_outputs` (captioning, VQA) and :func:`answer_outputs`
+(POPE, ScienceQA) choose the attack stages of the two kinds of evaluation. The objective and ensemble
+live in :mod:`dvd.eval.vlm_objective` and :mod:`dvd.eval.vlm_ensemble`, the command-line side in
+:mod:`dvd.eval.vlm_cli`; their names are re-exported here, where the evaluations find them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ __all__ = [
     "DEFAULT_EPS",
     "DTYPES",
     "PRECISIONS",
+    "REFERENCE_ATTACKS",
+    "REFERENCE_ATTACK_NAMES",
     "AnswerNLL",
     "BudgetResult",
     "SampleTask",
@@ -58,6 +61,7 @@ __all__ = [
     "WorstCase",
     "add_vlm_arguments",
     "answer_objective",
+    "answer_outputs",
     "attack_answers",
     "batch_outputs",
     "budget_rows",
@@ -71,6 +75,7 @@ __all__ = [
     "load_model",
     "model_name_of",
     "parse_vlm",
+    "reference_outputs",
     "resolve_precision",
     "run_batches",
     "worst_case_attack",
@@ -247,6 +252,59 @@ def evaluate_outputs(
                 BudgetResult(eps, name, budget_steps, state["samples"], state["seconds"], state["skipped"])
             )
     return results
+
+
+# the attacks of the reference-answer evaluations (captioning, VQA) and their rows' attack names
+REFERENCE_ATTACKS = ("ensemble", "apgd", "none")
+REFERENCE_ATTACK_NAMES = {"ensemble": "apgd-ensemble", "apgd": "apgd", "none": "none"}
+
+
+def reference_outputs(
+    model: VisionLanguageModel,
+    data: Any,
+    task: SampleTask,
+    *,
+    spec: EvalSpec,
+    task_name: str,
+    n_references: int,
+    broken_at: float,
+    settings: dict[str, Any],
+    targets: Sequence[str] = (),
+) -> list[BudgetResult]:
+    """:func:`evaluate_outputs` of a reference-answer evaluation, ``spec.attack`` one of
+    :data:`REFERENCE_ATTACKS`: "ensemble" is the paper's (:func:`ensemble_stages` of ``n_references`` in
+    ``spec.precision``, then ``targets``), "apgd" one fp32 APGD on the first reference, "none" clean only."""
+    precision = resolve_precision(spec.precision, model.device)
+    stages = {
+        "ensemble": ensemble_stages(n_references, precision=precision, targets=targets),
+        "apgd": [Stage("ref0-fp32")],
+        "none": [],
+    }[spec.attack]
+    attack = REFERENCE_ATTACK_NAMES[spec.attack]
+    return evaluate_outputs(
+        model, data, task, spec=spec, task_name=task_name, attack=attack, stages=stages, broken_at=broken_at,
+        settings=settings,
+    )
+
+
+def answer_outputs(
+    model: VisionLanguageModel,
+    data: Any,
+    task: SampleTask,
+    *,
+    spec: EvalSpec,
+    task_name: str,
+    stage: str,
+    settings: dict[str, Any],
+) -> list[BudgetResult]:
+    """:func:`evaluate_outputs` of a right-answer evaluation (POPE, ScienceQA): clean for ``spec.attack``
+    "none", else one APGD (the stage named ``stage``, in ``spec.precision``) on the right answer's NLL."""
+    attack = Stage(stage, precision=resolve_precision(spec.precision, model.device))
+    stages = [attack] if spec.attack != "none" else []
+    return evaluate_outputs(
+        model, data, task, spec=spec, task_name=task_name, attack=spec.attack, stages=stages,
+        settings=settings,
+    )
 
 
 def budget_rows(

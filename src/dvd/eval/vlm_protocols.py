@@ -128,45 +128,45 @@ def apply_protocol(
     if protocol is None:
         return None
     _fill(parser, args, "template", protocol.template)
-    if task == "caption":
-        name = dataset or args.dataset_name or "coco"
-        kind = protocol.dataset_kind(name, tuple(protocol.caption_broken_at))
-        for name, value in (
-            ("eps", protocol.eps),
-            ("steps", str(protocol.steps)),
-            ("attack", "ensemble"),
-            ("prompt", protocol.caption_prompt),
-            ("max_new_tokens", str(protocol.caption_tokens)),
-            ("references", str(protocol.caption_references)),
-            ("broken_at", protocol.caption_broken_at[kind]),
-        ):
-            _fill(parser, args, name, value)
-    elif task == "vqa":
-        kind = protocol.dataset_kind(dataset or args.dataset_name or "vqav2", tuple(protocol.vqa_tokens))
-        for name, value in (
-            ("eps", protocol.eps),
-            ("steps", str(protocol.steps)),
-            ("attack", "ensemble"),
-            ("suffix", protocol.vqa_suffix),
-            ("max_new_tokens", str(protocol.vqa_tokens[kind])),
-            ("references", str(protocol.vqa_references)),
-            ("targets", ",".join(protocol.vqa_targets)),
-            ("broken_at", 0.0),
-        ):
-            _fill(parser, args, name, value)
-    elif task == "targeted":
-        for name, value in (
-            ("eps", protocol.targeted_eps),
-            ("steps", str(protocol.targeted_steps)),
-            ("attack_precision", "fp32"),
-            ("prompt", protocol.caption_prompt),
-            ("max_new_tokens", str(protocol.targeted_tokens)),
-            ("target", list(protocol.targets)),
-        ):
-            _fill(parser, args, name, value)
-    else:
-        raise ConfigError(f"--protocol applies to dvd eval caption, vqa and targeted, not {task}")
+    for name, value in preset_options(protocol, task, dataset or args.dataset_name).items():
+        _fill(parser, args, name, value)
     return protocol
+
+
+def preset_options(protocol: VLMProtocol, task: str, dataset: str | None) -> dict[str, Any]:
+    """The options (argparse names, values as typed) ``protocol`` sets for ``dvd eval {task}`` on
+    ``dataset`` (its dataset-dependent settings by name: ``flickr30k`` is broken at Flickr's CIDEr)."""
+    # captions and VQA are attacked alike: the reference ensemble at the protocol's budgets and steps
+    ensemble = {"eps": protocol.eps, "steps": str(protocol.steps), "attack": "ensemble"}
+    if task == "caption":
+        kind = protocol.dataset_kind(dataset or "coco", tuple(protocol.caption_broken_at))
+        return {
+            **ensemble,
+            "prompt": protocol.caption_prompt,
+            "max_new_tokens": str(protocol.caption_tokens),
+            "references": str(protocol.caption_references),
+            "broken_at": protocol.caption_broken_at[kind],
+        }
+    if task == "vqa":
+        kind = protocol.dataset_kind(dataset or "vqav2", tuple(protocol.vqa_tokens))
+        return {
+            **ensemble,
+            "suffix": protocol.vqa_suffix,
+            "max_new_tokens": str(protocol.vqa_tokens[kind]),
+            "references": str(protocol.vqa_references),
+            "targets": ",".join(protocol.vqa_targets),
+            "broken_at": 0.0,
+        }
+    if task == "targeted":
+        return {
+            "eps": protocol.targeted_eps,
+            "steps": str(protocol.targeted_steps),
+            "attack_precision": "fp32",
+            "prompt": protocol.caption_prompt,
+            "max_new_tokens": str(protocol.targeted_tokens),
+            "target": list(protocol.targets),
+        }
+    raise ConfigError(f"--protocol applies to dvd eval caption, vqa and targeted, not {task}")
 
 
 def sample_indices(n: int, k: int, seed: int) -> list[int]:

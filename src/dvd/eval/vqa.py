@@ -120,8 +120,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, as_official_script:
 # ------------------------------------------------------------------------------ dvd eval vqa
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt suffix
-VQA_ATTACKS = ("ensemble", "apgd", "none")
-ATTACK_NAMES = {"ensemble": "apgd-ensemble", "apgd": "apgd", "none": "none"}
+VQA_ATTACKS = va.REFERENCE_ATTACKS
 TARGETS = ("maybe", "Word")  # the paper's targeted answers for VQA
 
 
@@ -176,20 +175,9 @@ def evaluate_vqa(
         raise ValueError(
             "VQA accuracy needs the human answers (>= 2 per question); pass the annotations file"
         )
-    ensemble = va.ensemble_stages(
-        n_references, precision=va.resolve_precision(spec.precision, model.device), targets=targets
-    )
-    stages = {"ensemble": ensemble, "apgd": [va.Stage("ref0-fp32")], "none": []}[spec.attack]
-    budgets = va.evaluate_outputs(
-        model,
-        data,
-        _VQA(suffix),
-        spec=spec,
-        task_name="vqa",
-        attack=ATTACK_NAMES[spec.attack],
-        stages=stages,
-        broken_at=broken_at,
-        settings={"suffix": suffix},
+    budgets = va.reference_outputs(
+        model, data, _VQA(suffix), spec=spec, task_name="vqa", n_references=n_references, broken_at=broken_at,
+        settings={"suffix": suffix}, targets=targets,
     )
     rows = []
     for budget in budgets:

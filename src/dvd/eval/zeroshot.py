@@ -56,7 +56,6 @@ def cli(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="dvd eval zeroshot", description=cli.__doc__)
     add_clip_arguments(
         parser,
-        model_help="open_clip name, hf-hub:org/name, config .json or checkpoint dir",
         attack="apgd-ce",
         attack_help="apgd-ce (default), aa (apgd-ce + apgd-t), aa-standard (+ fab-t, square), pgd, none, "
         "or a comma list of apgd-ce, apgd-t, apgd-dlr, fab-t, square",

@@ -24,16 +24,15 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision import transforms as T
 
-from dvd.config import ConfigError, positive_int, suggest
+from dvd.config import ConfigError, suggest
 from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
 from dvd.data.zeroshot import ZeroShotData, class_label, load_zeroshot
-from dvd.eval import options
-from dvd.eval.clip_cli import DEFAULT_EPS
-from dvd.eval.output import claim_output
-from dvd.eval.results import ResultRow, check_model_name, eps_text, read_rows, remove_states, write_rows
+from dvd.eval.arguments import parse_common
+from dvd.eval.clip_cli import DEFAULT_EPS, create_from_args, write_marked
+from dvd.eval.results import ResultRow, eps_text, read_rows, remove_states
+from dvd.eval.zeroshot_classifier import resolve_attacks
 from dvd.eval.zeroshot_eval import evaluate_zeroshot
-from dvd.models.clip import create_clip
 
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
         "diabetic_retinopathy", "dmlab", "dsprites_label_orientation", "dsprites_label_x_position",
@@ -202,28 +201,16 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset_root is None:
         raise ConfigError(f"--protocol {protocol.name} needs --dataset-root (CLIP_benchmark wds_* dirs)")
     _check_fixed_flags(args, protocol)
-    limit = None if args.limit is None else positive_int(args.limit, "--limit")
-    batch_size = positive_int(args.batch_size, "--batch-size")
+    # the fixed flags hold their defaults: the common options give the run's spec, the protocol its attack
+    common = parse_common(args, kind="CLIP", check_attack=resolve_attacks)
+    spec = common.spec.replace(eps_list=protocol.eps, attack=protocol.attack, steps=protocol.steps)
     suite = plan(protocol, args.dataset_root, skip_missing=args.skip_missing)  # before loading a model
-    options.check_model_argument(args.model)
-    out = claim_output(args.out)
-    model_name = args.model_name or options.model_row_name(args.model, args.pretrained, args.vision_weights)
-    checkpoint = options.model_checkpoint(args.model, args.pretrained, args.vision_weights)
-    check_model_name(out, model_name, checkpoint)
-    torch.manual_seed(args.seed)
-    model = create_clip(
-        args.model,
-        pretrained=args.pretrained,
-        device=args.device,
-        precision=args.precision,
-        vision_weights=args.vision_weights,
-    )
-    state_dir = Path(f"{out}.partial")
+    model = create_from_args(args)
     rows: list[ResultRow] = []
     for name, samples, path in suite:
-        done = _finished_rows(out, model_name, name, protocol, limit)
+        done = _finished_rows(common.out, spec.model_name, name, protocol, spec.limit)
         if done:
-            print(f"{name}: already in {out}, skipped", file=sys.stderr)
+            print(f"{name}: already in {common.out}, skipped", file=sys.stderr)
             rows += done
             continue
         native = name in protocol.native_resolution
@@ -232,30 +219,15 @@ def run(args: argparse.Namespace) -> int:
         first = data.dataset[0] if native and len(data.dataset) else None
         input_size = first[0].shape[-1] if first is not None else None
         view = ProtocolCLIP(model, logit_scale=protocol.logit_scale, input_size=input_size)
-        found = evaluate_zeroshot(
-            view,
-            data,
-            eps_list=protocol.eps,
-            attack=protocol.attack,
-            steps=protocol.steps,
-            limit=limit,
-            batch_size=batch_size,
-            seed=args.seed,
-            model_name=model_name,
-            dataset_name=name,
-            state_dir=state_dir,
-            check=False,
-            progress=not args.no_progress,
-        )
-        found = options.mark_rows(found, checkpoint)
-        write_rows(out, found)
-        remove_states(state_dir, found)
+        found = evaluate_zeroshot(view, data, spec.replace(dataset_name=name), check=False)
+        write_marked(common.out, found, common.checkpoint)
+        remove_states(common.state_dir, found)  # resumable per dataset
         rows += found
     table = paper_table(rows, protocol)
     print(format_paper_table(table))
-    csv_path = out.with_suffix(".csv")
+    csv_path = common.out.with_suffix(".csv")
     write_csv(csv_path, table)
-    print(f"wrote {len(rows)} rows to {out} and the table to {csv_path}", file=sys.stderr)
+    print(f"wrote {len(rows)} rows to {common.out} and the table to {csv_path}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ loss per recipe family, each returning a dict of named losses as open_clip's tra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,43 +122,55 @@ class ImageTowerStep(nn.Module):
         }
 
 
-def recipe_pgd(
-    loss: Any, objective: Any, *, steps: int, info: StepInfo
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The recipe's PGD-``steps`` on ``objective``, as the function of the images a step module calls
-    (``loss`` supplies the CLIP, the attack settings and the rank)."""
-    return functools.partial(
-        run_pgd, objective, model=loss.clip, settings=loss.attack, steps=steps, rank=loss.env.rank, info=info
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # losses (one per recipe family); each returns a dict of named losses, as open_clip's trainer does
 
 
-class ContrastiveLoss:
+@dataclasses.dataclass(kw_only=True, eq=False, repr=False)
+class RecipeLoss:
+    """What every recipe's loss holds: the module DDP wraps (``model``), the CLIP inside it, the process
+    group, the phases (image size and attack steps over the run) and the attack (None: clean training)."""
+
+    model: nn.Module
+    clip: DvdCLIP
+    env: DistEnv
+    phases: Sequence[Phase]
+    attack: AttackSettings | None
+
+    def pgd(self, objective: Any, *, steps: int, info: StepInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The recipe's PGD-``steps`` on ``objective``, as the function of the images a step module calls."""
+        return functools.partial(
+            run_pgd, objective, model=self.clip, settings=self.attack, steps=steps, rank=self.env.rank,
+            info=info,
+        )
+
+    @torch.no_grad()
+    def attack_stats(
+        self, objective: Any, clean: torch.Tensor, adversarial: torch.Tensor, info: StepInfo
+    ) -> dict[str, float]:
+        """Loss gain and success of this batch's attack: two extra no-grad forwards in the attack's mode
+        (logging steps only; the caller holds the model's parameters gathered)."""
+        with module_mode(self.clip, self.attack.train_mode):
+            before, after = objective(clean), objective(adversarial)
+        return _attack_summary(
+            before.loss, after.loss, before.success, after.success, self.attack.eps_at(info.step)
+        )
+
+
+@dataclasses.dataclass(kw_only=True, eq=False, repr=False)
+class ContrastiveLoss(RecipeLoss):
     """clean / delta: ``ClipLoss`` on (adversarial) images with clean captions (+ weighted clean loss)."""
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        clip: DvdCLIP,
-        env: DistEnv,
-        phases: Sequence[Phase],
-        resolution: Resolution,
-        attack: AttackSettings | None,
-        clean_loss_weight: float,
-        local_loss: bool,
-        gather_with_grad: bool,
-    ) -> None:
-        self.model, self.clip, self.env = model, clip, env
-        self.phases, self.resolution, self.attack = phases, resolution, attack
-        self.clean_loss_weight = clean_loss_weight
-        self.encoder = PixelEncoder(clip, sharded_root=model)
+    resolution: Resolution
+    clean_loss_weight: float
+    local_loss: bool
+    gather_with_grad: bool
+
+    def __post_init__(self) -> None:
+        self.encoder = PixelEncoder(self.clip, sharded_root=self.model)
         self.clip_loss = ClipLoss(
-            local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
-            rank=env.rank, world_size=env.world_size,
+            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, cache_labels=True,
+            rank=self.env.rank, world_size=self.env.world_size,
         )
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo) -> dict[str, Any]:
@@ -179,51 +192,36 @@ class ContrastiveLoss:
         result["logit_scale"] = out["logit_scale"].detach()
         if info.log and attack is not None:
             with gathered(self.model):
-                result.update(self._attack_stats(images, out["images"], out["text_features"].detach(), info))
+                objective = self._objective(out["text_features"].detach())
+                result.update(self.attack_stats(objective, images, out["images"], info))
         return result
+
+    def _objective(self, text: torch.Tensor) -> Any:
+        return clip_contrastive(self.encoder, text, self.clip.logit_scale.detach())
 
     def _attack(
         self, images: torch.Tensor, text: torch.Tensor, *, steps: int, info: StepInfo
     ) -> torch.Tensor:
-        objective = clip_contrastive(self.encoder, text, self.clip.logit_scale.detach())
-        return recipe_pgd(self, objective, steps=steps, info=info)(images)
-
-    @torch.no_grad()
-    def _attack_stats(
-        self, clean: torch.Tensor, adversarial: torch.Tensor, text: torch.Tensor, info: StepInfo
-    ) -> dict[str, float]:
-        """Loss gain and success of this batch's attack (two extra no-grad forwards, logging steps only)."""
-        objective = clip_contrastive(self.encoder, text, self.clip.logit_scale.detach())
-        with module_mode(self.clip, self.attack.train_mode):
-            before, after = objective(clean), objective(adversarial)
-        return _attack_summary(
-            before.loss, after.loss, before.success, after.success, self.attack.eps_at(info.step)
-        )
+        return self.pgd(self._objective(text), steps=steps, info=info)(images)
 
 
-class TecoaLoss:
+@dataclasses.dataclass(kw_only=True, eq=False, repr=False)
+class TecoaLoss(RecipeLoss):
     """TeCoA: cross-entropy of zero-shot logits (fixed class-name embeddings) on adversarial images."""
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        clip: DvdCLIP,
-        env: DistEnv,
-        phases: Sequence[Phase],
-        attack: AttackSettings,
-        class_weights: torch.Tensor,
-    ) -> None:
-        self.model, self.clip, self.env, self.phases, self.attack = model, clip, env, phases, attack
-        self.scale = float(clip.logit_scale.detach())
-        self.head = ZeroShotHead(PixelEncoder(clip, sharded_root=model), class_weights, self.scale)
+    class_weights: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.scale = float(self.clip.logit_scale.detach())
+        encoder = PixelEncoder(self.clip, sharded_root=self.model)
+        self.head = ZeroShotHead(encoder, self.class_weights, self.scale)
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         images, labels = (t.to(self.env.device, non_blocking=True) for t in batch)
         steps = phase_at(self.phases, info.step).attack_steps
 
         objective = cross_entropy(self.head, labels)
-        out = self.model(images, attack=recipe_pgd(self, objective, steps=steps, info=info))
+        out = self.model(images, attack=self.pgd(objective, steps=steps, info=info))
         logits = self.scale * out["features"] @ self.head.weights
         loss = F.cross_entropy(logits.float(), labels)
         result: dict[str, Any] = {
@@ -232,32 +230,20 @@ class TecoaLoss:
             "adversarial_accuracy": (logits.argmax(1) == labels).float().mean().detach(),
         }
         if info.log:
-            with gathered(self.model), torch.no_grad(), module_mode(self.clip, self.attack.train_mode):
-                before, after = objective(images), objective(out["images"])
-            result.update(
-                _attack_summary(
-                    before.loss, after.loss, before.success, after.success, self.attack.eps_at(info.step)
-                )
-            )
+            with gathered(self.model):
+                result.update(self.attack_stats(objective, images, out["images"], info))
         return result
 
 
-class FareLoss:
+@dataclasses.dataclass(kw_only=True, eq=False, repr=False)
+class FareLoss(RecipeLoss):
     """FARE: squared L2 between adversarial embeddings and the frozen original's clean embeddings."""
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        clip: DvdCLIP,
-        reference: DvdCLIP,
-        env: DistEnv,
-        phases: Sequence[Phase],
-        attack: AttackSettings,
-    ) -> None:
-        self.model, self.clip, self.env, self.phases, self.attack = model, clip, env, phases, attack
-        self.reference = PixelEncoder(reference, normalize=False)
-        self.encoder = PixelEncoder(clip, normalize=False, sharded_root=model)
+    reference: DvdCLIP
+
+    def __post_init__(self) -> None:
+        self.reference_encoder = PixelEncoder(self.reference, normalize=False)
+        self.encoder = PixelEncoder(self.clip, normalize=False, sharded_root=self.model)
 
     def __call__(self, batch: Any, info: StepInfo) -> dict[str, Any]:
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(
@@ -265,16 +251,15 @@ class FareLoss:
         )
         steps = phase_at(self.phases, info.step).attack_steps
         with torch.no_grad():
-            target = self.reference(images)
+            target = self.reference_encoder(images)
 
         objective = embedding_distance(self.encoder, target)
-        out = self.model(images, attack=recipe_pgd(self, objective, steps=steps, info=info))
+        out = self.model(images, attack=self.pgd(objective, steps=steps, info=info))
         loss = (out["features"].float() - target).pow(2).sum(dim=1).mean()
         result: dict[str, Any] = {"loss": loss, "embedding_distance": loss.detach()}
         if info.log:
-            with gathered(self.model), torch.no_grad(), module_mode(self.clip, self.attack.train_mode):
-                before, after = objective(images), objective(out["images"])
-            result.update(_attack_summary(before.loss, after.loss, None, None, self.attack.eps_at(info.step)))
+            with gathered(self.model):
+                result.update(self.attack_stats(objective, images, out["images"], info))
         return result
 
 
