@@ -11,6 +11,9 @@ Stages (each one a call of a ``dvd`` command's ``cli`` with a config written to 
    in both stages); each evaluated with ``dvd eval caption | vqa | pope | targeted | scienceqa | mme``.
 5. ``OUT/report.md`` + PNG plots + ``OUT/results.json`` (:mod:`dvd.demo_report`).
 
+``--seeds 0,1,2`` runs all of it once per seed in ``OUT/seed-<s>/`` and writes one report over the seeds
+(:mod:`dvd.demo_seeds`).
+
 A finished stage is recorded in ``OUT/stages.json`` and reused on a re-run (a training stage is finished
 when its ``final`` folder exists); an interrupted training resumes from its last checkpoint
 (``resume=latest``) and an interrupted evaluation from its per-batch state, so a Ctrl-C'd demo re-run
@@ -20,6 +23,7 @@ with the same command continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -49,6 +53,7 @@ from dvd.demo_preset import (
     load_preset,
 )
 from dvd.demo_report import write_report
+from dvd.demo_seeds import parse_seeds, run_seeds
 from dvd.demo_stages import Ledger, Stage, check, load_average, now, quiet_stdout
 from dvd.eval import retrieval, zeroshot
 from dvd.eval.report import average_rows
@@ -171,7 +176,8 @@ class Demo:
 
     def _run_lanes(self) -> None:
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
-                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]
+                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane",
+                "--seeds", str(self.preset.seed)]
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
@@ -387,11 +393,12 @@ def resolve_device(device: str) -> str:
 
 
 def cli(argv: Sequence[str]) -> int:
-    """``dvd demo [--out DIR] [--preset quick|full] [--device DEV]``"""
+    """``dvd demo [--out DIR] [--preset quick|full] [--device DEV] [--seeds 0,1,2]``"""
     parser = argparse.ArgumentParser(
         prog="dvd demo",
-        description="Train and attack clean CLIP, ΔCLIP, TeCoA, FARE (and clean LLaVA, Δ²LLaVA) on "
-        "ShapesWorld; write report.md, PNG plots and results.json. Re-run to continue an interrupted demo.",
+        description="Train and attack clean CLIP, ΔCLIP, TeCoA, FARE and LLaVA on four of them "
+        "(clean-llava, fare-llava, delta-llava, delta2-llava) on ShapesWorld; write report.md, PNG plots "
+        "and results.json. Re-run to continue an interrupted demo.",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--preset", default="quick", help="quick (default, ~15 min on 2 CPU cores) or full")
@@ -406,27 +413,41 @@ def cli(argv: Sequence[str]) -> int:
         default=2,
         help="run the clean and the Δ chains side by side (default 2; 1: in turn)",
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: one demo per seed in OUT/seed-<s>/ and one report over "
+        "them in OUT (default: the preset's seed, the demo in OUT itself)",
+    )
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the lanes' children
     parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", action="append", default=[], help="run only stages starting with this")
     args = parser.parse_args(list(argv))
     preset = load_preset(args.preset)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [preset.seed]
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    demo = Demo(
-        args.out,
-        preset,
-        device=resolve_device(args.device),
-        vlm=not args.no_vlm,
-        threads=args.threads,
-    )
-    demo.wait_for_lanes = args.lane
-    try:
+    failed: list[str] = []
+
+    def run_one(out: str | Path, seed: int) -> dict[str, Any]:
+        demo = Demo(out, dataclasses.replace(preset, seed=seed), device=resolve_device(args.device),
+                    vlm=not args.no_vlm, threads=args.threads)
+        demo.wait_for_lanes = args.lane
         summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
+        failed.extend(f"{name} (seed {seed})" if len(seeds) > 1 else name for name in demo.failed)
+        return summary
+
+    try:
+        if len(seeds) == 1:
+            summary = run_one(args.out, seeds[0])
+        else:
+            report = run_seeds(args.out, seeds, run_one, preset)
+            results = str(Path(args.out) / "results.json")
+            summary = {"report": str(report), "results": results, "failed": failed}
     except KeyboardInterrupt:
         print(
             "\n[demo] interrupted; run the same command again to continue where it stopped", file=sys.stderr
@@ -434,10 +455,8 @@ def cli(argv: Sequence[str]) -> int:
         return 130
     if summary:
         print(json.dumps(summary))
-    if demo.failed:
-        print(
-            f"[demo] stages that failed: {', '.join(demo.failed)}; fix and rerun to finish them",
-            file=sys.stderr,
-        )
+    if failed:
+        print(f"[demo] stages that failed: {', '.join(failed)}; fix and rerun to finish them",
+              file=sys.stderr)
         return 1
     return 0
