@@ -155,10 +155,10 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         total = time.perf_counter()
-        if jobs > 1 and not only:
+        if jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
             self._run_stages(["world"])
             self._run_lanes()
-        else:
+        else:  # in turn, or nothing left to run (no lane processes to start just to reuse everything)
             self._run_stages(only)
         if not report:
             return {}

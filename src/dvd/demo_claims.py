@@ -88,10 +88,11 @@ def claim_eps(rows: Sequence[Row], tasks: Sequence[str]) -> float | None:
     return next((e for e in budgets if abs(e - HEADLINE_EPS) < 1e-9), max(budgets))
 
 
-def _ratio(num: float, den: float) -> float | None:
+def _ratio(num: float, den: float) -> float:
+    """``num / den``; against 0: unbounded when ``num`` is not 0, else 1 (equal: both broken)."""
     if den > 0:
         return num / den
-    return math.inf if num > 0 else None  # 0 vs 0: nothing to compare
+    return math.inf if num > 0 else 1.0
 
 
 def check_claims(rows: Sequence[Row]) -> list[Check]:
