@@ -12,6 +12,7 @@ from dvd import demo as demo_module
 from dvd.config import ConfigError
 from dvd.demo import cli
 from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_MODELS, load_preset
+from dvd.eval.results import read_rows
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
 FIGURES = ("zeroshot_headline.png", "zeroshot_vs_eps.png", "retrieval_vs_eps.png", "examples.png",
@@ -31,6 +32,12 @@ def test_demo_writes_results_for_every_model_task_and_budget(demo_dir: Path) -> 
     names |= {"clean-llava", "fare-llava", "delta-llava", "delta2-llava"}  # issue 17's model names
     assert {r["model"] for r in rows} == names
     assert {r["seed"] for r in rows} == {0}
+    assert len(read_rows(demo_dir / "results.json")) == len(rows)  # average rows are complete rows too
+    (color,) = [r for r in rows if r["model"] == "fare" and r["dataset"] == "shapesworld/color"]
+    (average,) = [r for r in rows if r["model"] == "fare" and r["dataset"] == "average"]
+    tasks = [r for r in rows if r["model"] == "fare" and r["dataset"] in TASKS]
+    assert average["clean"] == pytest.approx(sum(r["clean"] for r in tasks) / len(TASKS))
+    assert average["n"] == sum(r["n"] for r in tasks) and average["attack"] == color["attack"]
     for model in CLIP_MODELS:
         zeroshot = [r for r in rows if r["model"] == model and r["task"] == "zeroshot"]
         assert {r["dataset"] for r in zeroshot} == TASKS | {"average"}

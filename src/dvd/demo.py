@@ -247,8 +247,7 @@ class Demo:
         rows = []
         for path in sorted((self.out / "results").glob("*.json")):
             rows += [r.to_dict() for r in read_rows(path)]
-        zeroshot = [r for r in rows if r["task"] == "zeroshot"]
-        rows += [{**r, "seed": self.preset.seed} for r in average_rows(zeroshot, task="zeroshot")]
+        rows += _zeroshot_averages(rows)
         path = self.out / "results.json"
         write_json(path, rows)
         return path
@@ -383,6 +382,21 @@ class Demo:
         )
         path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         return path
+
+
+def _zeroshot_averages(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete result rows (readable by ``read_rows``) of the zero-shot mean over the ShapesWorld tasks:
+    dataset ``average``, per model x metric x attack x eps; seconds and flags summed over the tasks."""
+    zeroshot = [r for r in rows if r["task"] == "zeroshot"]
+    out = []
+    for avg in average_rows(zeroshot, task="zeroshot"):
+        group = [r for r in zeroshot if (r["model"], r["metric"], r["attack"] or "", float(r["eps"]))
+                 == (avg["model"], avg["metric"], avg["attack"], avg["eps"])]
+        flags = sorted({flag for r in group for flag in r.get("flags") or []})
+        out.append({**group[0], **avg, "attack": group[0]["attack"], "flags": flags,
+                    "seconds": sum(float(r.get("seconds") or 0.0) for r in group),
+                    "skipped": sum(int(r.get("skipped") or 0) for r in group)})
+    return out
 
 
 def resolve_device(device: str) -> str:
