@@ -95,6 +95,9 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     assert lead in report
     assert "| train delta-clip | Δ | 12 | 10 | 1.0 |" in report
     assert "No example grid" in report  # no trained models in this folder
+    assert "**Not run**" in report  # the VLM half was switched off and the report says so
+    ratio = "| 3 | Δ²LLaVA vs fare-llava (prior art): attacked CIDEr at 4/255, ratio | ≥ 1.30× | – | – |"
+    assert f"{ratio} not measured |" in report  # no VLM rows: the VLM claims are not measured
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
 
 
