@@ -196,6 +196,12 @@ def test_the_two_lanes_split_the_stages_into_the_clean_and_the_delta_chain(tmp_p
         and stages["train fare"].needs[-1] == "train clean-clip"
     )
     assert "train delta2-llava stage2" in delta and "train clean-llava stage1" in clean
+    # each lane trains two VLMs of the same size and evaluates them the same way: the lanes stay as even
+    # as they were with one each; no stage waits for a stage of the other lane
+    assert {"train fare-llava stage2", "mme fare-llava", "scienceqa clean-llava"} <= set(clean)
+    assert {"train delta-llava stage1", "mme delta-llava", "scienceqa delta2-llava"} <= set(delta)
+    for lane in (clean, delta):
+        assert all(need in lane or need == "world" for name in lane for need in stages[name].needs)
 
 
 def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_path: Path) -> None:
