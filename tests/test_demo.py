@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,38 +11,92 @@ import pytest
 from dvd import demo as demo_module
 from dvd.config import ConfigError
 from dvd.demo import cli
-from dvd.demo_preset import CLIP_MODELS, load_preset
+from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_MODELS, load_preset
+from dvd.eval.results import read_rows
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
-FIGURES = ("zeroshot_headline.png", "zeroshot_vs_eps.png", "retrieval_vs_eps.png", "examples.png")
+FIGURES = ("zeroshot_headline.png", "zeroshot_vs_eps.png", "retrieval_vs_eps.png", "examples.png",
+           "examples_vlm.png")
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert cli(["--out", str(out), "--preset", "test", "--no-vlm"]) == 0
+    assert cli(["--out", str(out), "--preset", "test"]) == 0
     return out
 
 
-def test_demo_writes_results_for_every_clip_model_task_and_budget(demo_dir: Path) -> None:
+def test_demo_writes_results_for_every_model_task_and_budget(demo_dir: Path) -> None:
     rows = json.loads((demo_dir / "results.json").read_text())
-    assert {r["model"] for r in rows} == set(CLIP_MODELS)
+    names = {"clean-clip", "delta-clip", "tecoa", "fare"}
+    names |= {"clean-llava", "fare-llava", "delta-llava", "delta2-llava"}  # issue 17's model names
+    assert {r["model"] for r in rows} == names
+    assert {r["seed"] for r in rows} == {0}
+    assert len(read_rows(demo_dir / "results.json")) == len(rows)  # average rows are complete rows too
+    (color,) = [r for r in rows if r["model"] == "fare" and r["dataset"] == "shapesworld/color"]
+    (average,) = [r for r in rows if r["model"] == "fare" and r["dataset"] == "average"]
+    tasks = [r for r in rows if r["model"] == "fare" and r["dataset"] in TASKS]
+    assert average["clean"] == pytest.approx(sum(r["clean"] for r in tasks) / len(TASKS))
+    assert average["n"] == sum(r["n"] for r in tasks) and average["attack"] == color["attack"]
     for model in CLIP_MODELS:
         zeroshot = [r for r in rows if r["model"] == model and r["task"] == "zeroshot"]
-        assert {r["dataset"] for r in zeroshot} == TASKS
+        assert {r["dataset"] for r in zeroshot} == TASKS | {"average"}
         assert all(r["eps"] == pytest.approx(4 / 255) and r["adversarial"] is not None for r in zeroshot)
         assert any(r["task"] == "retrieval" and r["model"] == model for r in rows)
+    for model in VLM_MODELS:
+        mine = {(r["task"], r["metric"]) for r in rows if r["model"] == model}
+        assert {("caption", "cider"), ("vqa", "vqa_accuracy"), ("pope", "f1")} <= mine
+        assert ("targeted", "success_rate") in mine
+
+
+def test_every_vlm_is_evaluated_on_scienceqa_clean_and_attacked_and_on_mme(demo_dir: Path) -> None:
+    rows = json.loads((demo_dir / "results.json").read_text())
+    for model in VLM_MODELS:
+        scienceqa = [r for r in rows if r["model"] == model and r["task"] == "scienceqa"]
+        assert {r["metric"] for r in scienceqa} == {"accuracy", "image_accuracy"}
+        assert all(r["eps"] == pytest.approx(4 / 255) and r["adversarial"] is not None for r in scienceqa)
+        mme = {(r["dataset"], r["metric"]) for r in rows if r["model"] == model and r["task"] == "mme"}
+        assert ("shapesworld/mme", "perception") in mme
+        for subtask in ("existence", "count", "position", "color"):  # what the world writes
+            assert {(f"shapesworld/mme/{subtask}", m) for m in ("accuracy", "acc_plus", "score")} <= mme
+    report = (demo_dir / "report.md").read_text()
+    scienceqa = report[report.index("### ScienceQA"):]
+    mme = report[report.index("### MME"):]
+    for model in VLM_MODELS:
+        assert f"| {model} | shapesworld/scienceqa | image_accuracy | apgd |" in scienceqa
+        assert f"| {model} | " in mme
+
+
+def test_the_report_checks_the_five_claims_with_target_measured_margin_and_verdict(demo_dir: Path) -> None:
+    report = (demo_dir / "report.md").read_text()
+    claims = report[report.index("## The paper's claims"):report.index("## Zero-shot classification")]
+    lines = [line for line in claims.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert {line.split(" | ")[0] for line in lines} == {"| 1", "| 2", "| 3", "| 4", "| 5"}
+    assert "| claim | check | target | measured | margin | verdict | from |" in claims
+    for line in lines:  # every VLM of the claims was trained and evaluated: each check is measured
+        assert "**holds**" in line or "**does not hold**" in line, line
+
+
+def test_the_vlms_use_their_towers_and_only_delta2_llava_is_tuned_adversarially(demo_dir: Path) -> None:
+    from dvd.config import load_config
+    from dvd.train.vlm_config import VlmTrainConfig
+
+    for model, tower in VISION_TOWER.items():
+        stage1 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage1.yaml")
+        stage2 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage2.yaml")
+        assert Path(stage1.vision) == demo_dir / "models" / tower / "final"
+        assert Path(stage2.init) == demo_dir / "models" / f"{model}-stage1" / "final"
+        assert stage1.adversarial == stage2.adversarial == (model == "delta2-llava")
 
 
 def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> None:
     report = (demo_dir / "report.md").read_text()
-    for model in CLIP_MODELS:
+    for model in CLIP_MODELS + VLM_MODELS:
         assert f"| {model} |" in report
     for figure in FIGURES:
         path = demo_dir / "figures" / figure
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{figure})" in report
-    assert "**Not run**" in report  # the VLM half was switched off and the report says so
     assert "| train delta-clip | Δ | " in report and "| **all stages** |" in report
 
 
@@ -58,9 +113,10 @@ def test_rerun_reuses_every_finished_stage(demo_dir: Path, capfd: pytest.Capture
     weights = demo_dir / "models" / "delta-clip" / "final" / "open_clip_model.safetensors"
     before = weights.stat().st_mtime_ns
     rows_before = json.loads((demo_dir / "results.json").read_text())
-    assert cli(["--out", str(demo_dir), "--preset", "test", "--no-vlm"]) == 0
+    assert cli(["--out", str(demo_dir), "--preset", "test"]) == 0
     log = capfd.readouterr().err  # the two lanes are child processes: capture at the fd level
-    assert log.count("finished earlier, reused") == 1 + 3 * len(CLIP_MODELS)
+    stages = demo_module.Demo(demo_dir, load_preset("test")).stages()
+    assert log.count("finished earlier, reused") == len(stages)
     assert " ...\n" not in log  # nothing started again
     assert weights.stat().st_mtime_ns == before
     rows_after = json.loads((demo_dir / "results.json").read_text())
@@ -71,7 +127,7 @@ def test_rerun_reuses_every_finished_stage(demo_dir: Path, capfd: pytest.Capture
 
 def test_a_demo_folder_refuses_the_outputs_of_another_preset(demo_dir: Path) -> None:
     with pytest.raises(ConfigError, match="other settings"):
-        cli(["--out", str(demo_dir), "--preset", "quick", "--no-vlm"])
+        cli(["--out", str(demo_dir), "--preset", "quick"])
 
 
 def test_unknown_preset_is_a_one_line_error_with_a_suggestion(tmp_path: Path) -> None:
@@ -140,6 +196,12 @@ def test_the_two_lanes_split_the_stages_into_the_clean_and_the_delta_chain(tmp_p
         and stages["train fare"].needs[-1] == "train clean-clip"
     )
     assert "train delta2-llava stage2" in delta and "train clean-llava stage1" in clean
+    # each lane trains two VLMs of the same size and evaluates them the same way: the lanes stay as even
+    # as they were with one each; no stage waits for a stage of the other lane
+    assert {"train fare-llava stage2", "mme fare-llava", "scienceqa clean-llava"} <= set(clean)
+    assert {"train delta-llava stage1", "mme delta-llava", "scienceqa delta2-llava"} <= set(delta)
+    for lane in (clean, delta):
+        assert all(need in lane or need == "world" for name in lane for need in stages[name].needs)
 
 
 def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_path: Path) -> None:
@@ -162,3 +224,57 @@ def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_p
     report = (tmp_path / "report.md").read_text()
     assert "| retrieval clean-clip | clean | **failed** |" in report
     assert "- `retrieval clean-clip`: " in report
+
+
+def test_the_lanes_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[str]] = []
+
+    class Child:
+        def __init__(self, argv: list[str]) -> None:
+            started.append(argv)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(demo_module.subprocess, "Popen", Child)
+    demo = demo_module.Demo(tmp_path, dataclasses.replace(load_preset("test"), seed=3))
+    demo._run_lanes()
+    assert len(started) == 2
+    for argv in started:  # each child checks the folder's settings against the seed-3 preset
+        assert argv[argv.index("--seeds") + 1] == "3" and argv[argv.index("--out") + 1] == str(tmp_path)
+
+
+def test_seeds_write_one_demo_layout_per_seed_and_one_report(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path), "--preset", "test", "--no-vlm", "--seeds", "0,1", "--only", "world"]
+    assert cli(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json", "seed-0", "seed-1"]
+    for seed in (0, 1):
+        layout = tmp_path / f"seed-{seed}"
+        assert (layout / "world" / "summary.json").is_file() and (layout / "report.md").is_file()
+        assert json.loads((layout / "demo.json").read_text())["preset"]["seed"] == seed
+    captions = [(tmp_path / f"seed-{s}/world/captions/annotations.json").read_text() for s in (0, 1)]
+    assert captions[0] != captions[1]  # each seed draws its own world
+    report = (tmp_path / "report.md").read_text()
+    assert "demo report over seeds 0, 1" in report and "| seed 0 | seed 1 | min | max |" in report
+
+
+def test_seeds_must_be_distinct_integers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        cli(["--out", str(tmp_path), "--preset", "test", "--seeds", "0,x"])
+    with pytest.raises(ConfigError, match="twice"):
+        cli(["--out", str(tmp_path), "--preset", "test", "--seeds", "1,1"])
+
+
+@pytest.mark.slow
+def test_a_two_seed_demo_reports_each_seeds_claims_and_their_spread(tmp_path: Path) -> None:
+    assert cli(["--out", str(tmp_path), "--preset", "test", "--no-vlm", "--seeds", "0,1"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["seed"] for r in rows} == {0, 1}
+    for seed in (0, 1):
+        mine = json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())
+        assert {r["model"] for r in mine} == set(CLIP_MODELS) and {r["seed"] for r in mine} == {seed}
+    report = (tmp_path / "report.md").read_text()
+    first = "| 1 | ΔCLIP vs clean CLIP: zero-shot"
+    (gain,) = [line for line in report.splitlines() if line.startswith(first)]
+    cells = gain.split(" | ")
+    assert cells[2] == "≥ +30.0 pt" and all(c.endswith(" pt") for c in cells[3:8])  # seeds, min, max, margin

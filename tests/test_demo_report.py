@@ -70,15 +70,16 @@ def test_headline_averages_the_attacked_accuracy_at_4_over_255() -> None:
 
 
 @pytest.mark.parametrize(
-    ("delta_clean", "delta_robust", "verdict"), [(0.8, 0.6, "holds"), (0.5, 0.6, "does not")]
+    ("delta_clean", "cost"),
+    [(0.88, "2.0 pt | +3.0 pt | **holds**"), (0.5, "40.0 pt | -35.0 pt | **does not hold**")],
 )
-def test_report_states_whether_the_delta_clip_target_holds(
-    tmp_path: Path, delta_clean: float, delta_robust: float, verdict: str
+def test_report_states_whether_the_delta_clip_claims_hold(
+    tmp_path: Path, delta_clean: float, cost: str
 ) -> None:
     preset = load_preset("test")
     lanes = Demo(tmp_path, preset, vlm=False).lanes()
     inputs = ReportInputs(DemoLayout(tmp_path), preset, device="cpu", include_vlm=False, lanes=lanes)
-    rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, delta_robust)
+    rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, 0.6)
     rows += rows_for("tecoa", 0.7, 0.3) + rows_for("fare", 0.8, 0.2)
     (tmp_path / "results.json").write_text(json.dumps(rows))
     (tmp_path / "stages.json").write_text(
@@ -87,11 +88,16 @@ def test_report_states_whether_the_delta_clip_target_holds(
         )
     )
     report = write_report(inputs, tmp_path / "results.json").read_text()
-    assert f"(≥ +30 pt attacked, ≤ 20 pt clean cost) {verdict}" in report
-    assert "+50.0 pt" in report  # delta-clip 60% vs clean-clip 10% attacked
-    assert "ΔCLIP is 30.0 pt ahead of the best of them (tecoa)" in report
+    # delta-clip 60% vs clean-clip 10% attacked: +50 pt against the target of +30
+    assert "| ≥ +30.0 pt | 50.0 pt | +20.0 pt | **holds** |" in report
+    assert f"| ΔCLIP vs clean CLIP: clean zero-shot cost | ≤ 5.0 pt | {cost} |" in report
+    lead = "| ≥ +15.0 pt | 30.0 pt | +15.0 pt | **holds** | delta-clip 60.0% vs tecoa 30.0% attacked |"
+    assert lead in report
     assert "| train delta-clip | Δ | 12 | 10 | 1.0 |" in report
     assert "No example grid" in report  # no trained models in this folder
+    assert "**Not run**" in report  # the VLM half was switched off and the report says so
+    ratio = "| 3 | Δ²LLaVA vs fare-llava (prior art): attacked CIDEr at 4/255, ratio | ≥ 1.30× | – | – |"
+    assert f"{ratio} not measured |" in report  # no VLM rows: the VLM claims are not measured
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
 
 

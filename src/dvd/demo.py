@@ -6,9 +6,13 @@ Stages (each one a call of a ``dvd`` command's ``cli`` with a config written to 
 2. Clean CLIP and ΔCLIP from scratch; TeCoA and FARE fine-tuned from the clean CLIP (``dvd train clip``).
 3. Zero-shot classification on every ShapesWorld task and image-text retrieval, clean and under APGD at
    every budget, the same attack for every model (``dvd eval zeroshot`` / ``retrieval``).
-4. Unless ``--no-vlm``: clean LLaVA on the clean CLIP and Δ²LLaVA on ΔCLIP (adversarial
-   instruction tuning in both stages), evaluated with ``dvd eval caption | vqa | pope | targeted``.
+4. Unless ``--no-vlm``: LLaVA's recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE) and
+   delta-llava (ΔCLIP), clean instruction tuning, and delta2-llava (ΔCLIP, adversarial instruction tuning
+   in both stages); each evaluated with ``dvd eval caption | vqa | pope | targeted | scienceqa | mme``.
 5. ``OUT/report.md`` + PNG plots + ``OUT/results.json`` (:mod:`dvd.demo_report`).
+
+``--seeds 0,1,2`` runs all of it once per seed in ``OUT/seed-<s>/`` and writes one report over the seeds
+(:mod:`dvd.demo_seeds`).
 
 A finished stage is recorded in ``OUT/stages.json`` and reused on a re-run (a training stage is finished
 when its ``final`` folder exists); an interrupted training resumes from its last checkpoint
@@ -19,17 +23,14 @@ with the same command continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
+import dataclasses
 import importlib
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ import yaml
 from dvd.config import ConfigError
 from dvd.data import shapesworld
 from dvd.demo_preset import (
+    ADVERSARIAL_VLMS,
     CLIP_MODELS,
+    DELTA_LANE,
     TARGET_CAPTION,
     VISION_TOWER,
     VLM_EVALS,
@@ -50,7 +53,10 @@ from dvd.demo_preset import (
     load_preset,
 )
 from dvd.demo_report import write_report
+from dvd.demo_seeds import parse_seeds, run_seeds
+from dvd.demo_stages import Ledger, Stage, check, load_average, now, quiet_stdout
 from dvd.eval import retrieval, zeroshot
+from dvd.eval.report import average_rows
 from dvd.eval.results import read_rows
 from dvd.io import read_json, write_json
 from dvd.train import clip as train_clip
@@ -58,42 +64,6 @@ from dvd.train import vlm as train_vlm
 
 # ---------------------------------------------------------------------------------------------
 # stages
-
-
-@dataclass
-class Stage:
-    """One step of the demo: ``run()`` does the work; ``done()`` says a previous run already did it
-    (a training stage: its ``final`` folder exists; an evaluation: recorded as finished, rows on disk)."""
-
-    name: str
-    run: Callable[[], None]
-    done: Callable[[], bool] = lambda: False
-    group: str = "clip"
-    needs: tuple[str, ...] = ()  # stages whose outputs this one reads
-
-
-@dataclass
-class Ledger:
-    """``OUT/stages.json``: the finished stages with their wall times (the report's time per stage)."""
-
-    path: Path
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> Ledger:
-        return cls(path, read_json(path) if path.is_file() else {})
-
-    def finished(self, name: str) -> bool:
-        return self.entries.get(name, {}).get("status") == "done"
-
-    def record(self, name: str, **info: Any) -> None:
-        """Update one stage's entry; safe when the demo's parallel lanes record at the same time."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.entries = read_json(self.path) if self.path.is_file() else {}
-            self.entries[name] = {**self.entries.get(name, {}), **info}
-            write_json(self.path, self.entries)
 
 
 class Demo:
@@ -169,10 +139,11 @@ class Demo:
         )
 
     def lanes(self) -> list[list[str]]:
-        """Two independent chains of stages after the world: the clean models (and the baselines fine-tuned
-        from the clean CLIP) and the Δ models; ``--jobs 2`` runs them side by side, one core each."""
+        """Two independent chains of stages after the world: the clean models (the baselines fine-tuned
+        from the clean CLIP and the VLMs on their towers) and the Δ models (ΔCLIP and the two VLMs on it);
+        ``--jobs 2`` runs them side by side, one core each."""
         names = [s.name for s in self.stages() if s.name != "world"]
-        delta = [n for n in names if n.split()[1] in ("delta-clip", "delta2-llava")]
+        delta = [n for n in names if n.split()[1] in DELTA_LANE]
         return [[n for n in names if n not in delta], delta]
 
     def run(self, *, only: Sequence[str] = (), jobs: int = 1, report: bool = True) -> dict[str, Any]:
@@ -184,10 +155,10 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         total = time.perf_counter()
-        if jobs > 1 and not only:
+        if jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
             self._run_stages(["world"])
             self._run_lanes()
-        else:
+        else:  # in turn, or nothing left to run (no lane processes to start just to reuse everything)
             self._run_stages(only)
         if not report:
             return {}
@@ -198,14 +169,15 @@ class Demo:
                               lanes=self.lanes())
         report_path = write_report(inputs, results)
         self.ledger.record(
-            "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=_now()
+            "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=now()
         )
         self._say(f"[demo] report written to {report_path} ({time.perf_counter() - total:.0f} s this run)")
         return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
 
     def _run_lanes(self) -> None:
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
-                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane"]
+                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane",
+                "--seeds", str(self.preset.seed)]
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
@@ -252,28 +224,30 @@ class Demo:
                 continue
             self._say(f"[demo] {stage.name} ...")
             tick, cpu = time.perf_counter(), time.process_time()
-            self.ledger.record(stage.name, status="running", started=_now())
+            self.ledger.record(stage.name, status="running", started=now())
             try:
                 stage.run()
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - one broken stage must not lose the others' results
                 message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                self.ledger.record(stage.name, status="failed", error=message[:300], finished=_now())
+                self.ledger.record(stage.name, status="failed", error=message[:300], finished=now())
                 self.failed.append(stage.name)
                 self._say(f"[demo] {stage.name}: FAILED ({message}); going on with the other stages")
                 continue
             seconds = round(time.perf_counter() - tick, 1)
             cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
             self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
-                               load=_load_average(), finished=_now())
+                               load=load_average(), finished=now())
             self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
 
     def collect_results(self) -> Path:
-        """Merge every stage's result rows into ``OUT/results.json``."""
+        """Merge every stage's result rows into ``OUT/results.json``, with the zero-shot mean over the
+        ShapesWorld tasks as dataset ``average``."""
         rows = []
         for path in sorted((self.out / "results").glob("*.json")):
             rows += [r.to_dict() for r in read_rows(path)]
+        rows += _zeroshot_averages(rows)
         path = self.out / "results.json"
         write_json(path, rows)
         return path
@@ -301,7 +275,7 @@ class Demo:
         argv = ["--out", str(self.world), "--seed", str(p.seed), "--size", str(p.world_size),
                 "--image-size", str(p.image_size), "--eval-size", str(p.eval_size),
                 "--instruct-size", str(p.instruct_size)]
-        _check(shapesworld.cli(argv), "dvd data shapesworld")
+        check(shapesworld.cli(argv), "dvd data shapesworld")
 
     def clip_config(self, name: str) -> dict[str, Any]:
         """The ``dvd train clip`` config of one of the demo's CLIPs."""
@@ -324,7 +298,7 @@ class Demo:
     def _train_clip_fn(self, name: str) -> Callable[[], None]:
         def run() -> None:
             config = self._write_config(name, self.clip_config(name))
-            _check(train_clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
+            check(train_clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
 
         return run
 
@@ -344,8 +318,8 @@ class Demo:
                     "--eps", self._eps(), *extra, "--steps", str(steps), "--limit", str(limit),
                     "--batch-size", "100", "--seed", str(p.seed), "--device", self.device,
                     "--out", str(self.results_file(task, name)), "--no-progress"]
-            with _quiet_stdout():
-                _check(module.cli(argv), f"dvd eval {task} ({name})")
+            with quiet_stdout():
+                check(module.cli(argv), f"dvd eval {task} ({name})")
 
         return run
 
@@ -354,7 +328,7 @@ class Demo:
         cfg = {**self.preset.vlm_common, **self.preset.vlm_stages[stage]}
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
                    seed=self.preset.seed, device=self.device, resume="latest",
-                   adversarial=name == "delta2-llava")
+                   adversarial=name in ADVERSARIAL_VLMS)
         if stage == "stage1":
             cfg["vision"] = str(self.final(vision))
         else:
@@ -367,12 +341,13 @@ class Demo:
     def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:
         def run() -> None:
             config = self._write_config(f"{name}-{stage}", self.vlm_config(name, vision, stage))
-            _check(train_vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
+            check(train_vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
 
         return run
 
     def vlm_eval_argv(self, task: str, name: str) -> list[str]:
-        """Arguments of ``dvd eval caption | vqa | pope | targeted`` for one of the demo's VLMs."""
+        """Arguments of ``dvd eval caption | vqa | pope | targeted | scienceqa | mme`` for one of the demo's
+        VLMs (MME: every question the world writes, clean)."""
         p = self.preset
         argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
@@ -383,6 +358,9 @@ class Demo:
                      "--references", str(p.vlm_references)]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval_limit)]
+        elif task == "scienceqa":
+            argv += ["--attack", "apgd", "--eps", ",".join(p.vlm_eps or p.eps),
+                     "--steps", str(p.scienceqa_steps), "--limit", str(p.scienceqa_limit)]
         elif task == "targeted":
             argv += ["--eps", "4/255", "--steps", str(p.targeted_steps), "--limit", str(p.targeted_limit),
                      "--target", TARGET_CAPTION]
@@ -391,8 +369,8 @@ class Demo:
     def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:
         def run() -> None:
             module = importlib.import_module(VLM_EVALS[task])
-            with _quiet_stdout():
-                _check(module.cli(self.vlm_eval_argv(task, name)), f"dvd eval {task} ({name})")
+            with quiet_stdout():
+                check(module.cli(self.vlm_eval_argv(task, name)), f"dvd eval {task} ({name})")
 
         return run
 
@@ -406,28 +384,19 @@ class Demo:
         return path
 
 
-def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"{what} exited with status {code}; see the messages above")
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average when the stage ended (how shared the machine was), where known."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """The evaluations print their tables; the demo's report has them all, so keep the console short."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+def _zeroshot_averages(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete result rows (readable by ``read_rows``) of the zero-shot mean over the ShapesWorld tasks:
+    dataset ``average``, per model x metric x attack x eps; seconds and flags summed over the tasks."""
+    zeroshot = [r for r in rows if r["task"] == "zeroshot"]
+    out = []
+    for avg in average_rows(zeroshot, task="zeroshot"):
+        group = [r for r in zeroshot if (r["model"], r["metric"], r["attack"] or "", float(r["eps"]))
+                 == (avg["model"], avg["metric"], avg["attack"], avg["eps"])]
+        flags = sorted({flag for r in group for flag in r.get("flags") or []})
+        out.append({**group[0], **avg, "attack": group[0]["attack"], "flags": flags,
+                    "seconds": sum(float(r.get("seconds") or 0.0) for r in group),
+                    "skipped": sum(int(r.get("skipped") or 0) for r in group)})
+    return out
 
 
 def resolve_device(device: str) -> str:
@@ -438,11 +407,12 @@ def resolve_device(device: str) -> str:
 
 
 def cli(argv: Sequence[str]) -> int:
-    """``dvd demo [--out DIR] [--preset quick|full] [--device DEV]``"""
+    """``dvd demo [--out DIR] [--preset quick|full] [--device DEV] [--seeds 0,1,2]``"""
     parser = argparse.ArgumentParser(
         prog="dvd demo",
-        description="Train and attack clean CLIP, ΔCLIP, TeCoA, FARE (and clean LLaVA, Δ²LLaVA) on "
-        "ShapesWorld; write report.md, PNG plots and results.json. Re-run to continue an interrupted demo.",
+        description="Train and attack clean CLIP, ΔCLIP, TeCoA, FARE and LLaVA on four of them "
+        "(clean-llava, fare-llava, delta-llava, delta2-llava) on ShapesWorld; write report.md, PNG plots "
+        "and results.json. Re-run to continue an interrupted demo.",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--preset", default="quick", help="quick (default, ~15 min on 2 CPU cores) or full")
@@ -457,27 +427,41 @@ def cli(argv: Sequence[str]) -> int:
         default=2,
         help="run the clean and the Δ chains side by side (default 2; 1: in turn)",
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: one demo per seed in OUT/seed-<s>/ and one report over "
+        "them in OUT (default: the preset's seed, the demo in OUT itself)",
+    )
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the lanes' children
     parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", action="append", default=[], help="run only stages starting with this")
     args = parser.parse_args(list(argv))
     preset = load_preset(args.preset)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [preset.seed]
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    demo = Demo(
-        args.out,
-        preset,
-        device=resolve_device(args.device),
-        vlm=not args.no_vlm,
-        threads=args.threads,
-    )
-    demo.wait_for_lanes = args.lane
-    try:
+    failed: list[str] = []
+
+    def run_one(out: str | Path, seed: int) -> dict[str, Any]:
+        demo = Demo(out, dataclasses.replace(preset, seed=seed), device=resolve_device(args.device),
+                    vlm=not args.no_vlm, threads=args.threads)
+        demo.wait_for_lanes = args.lane
         summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
+        failed.extend(f"{name} (seed {seed})" if len(seeds) > 1 else name for name in demo.failed)
+        return summary
+
+    try:
+        if len(seeds) == 1:
+            summary = run_one(args.out, seeds[0])
+        else:
+            report = run_seeds(args.out, seeds, run_one, preset)
+            results = str(Path(args.out) / "results.json")
+            summary = {"report": str(report), "results": results, "failed": failed}
     except KeyboardInterrupt:
         print(
             "\n[demo] interrupted; run the same command again to continue where it stopped", file=sys.stderr
@@ -485,10 +469,8 @@ def cli(argv: Sequence[str]) -> int:
         return 130
     if summary:
         print(json.dumps(summary))
-    if demo.failed:
-        print(
-            f"[demo] stages that failed: {', '.join(demo.failed)}; fix and rerun to finish them",
-            file=sys.stderr,
-        )
+    if failed:
+        print(f"[demo] stages that failed: {', '.join(failed)}; fix and rerun to finish them",
+              file=sys.stderr)
         return 1
     return 0

@@ -14,7 +14,7 @@ from dvd.attacks import apgd, from_callable
 from dvd.data.shapesworld_scenes import NUMBER_WORDS
 from dvd.data.zeroshot import load_zeroshot
 from dvd.demo_figures import HEADLINE_EPS, draw_caption_grid, draw_reading_grid
-from dvd.demo_preset import TASK_ORDER, ReportInputs
+from dvd.demo_preset import TASK_ORDER, VLM_MODELS, ReportInputs
 from dvd.eval.captioning import instruct_caption_prompt
 from dvd.eval.vlm_attack import attack_answers
 from dvd.eval.zeroshot import build_text_classifier
@@ -80,9 +80,7 @@ def vlm_example_grid(
 ) -> Path:
     """Clean test images and each VLM's worst case at ``eps``, with the captions each model writes."""
     world = inputs.world
-    names = [
-        m for m in ("clean-llava", "delta2-llava") if (inputs.final(f"{m}-stage2") / "dvd_vlm.json").is_file()
-    ]
+    names = [m for m in VLM_MODELS if (inputs.final(f"{m}-stage2") / "dvd_vlm.json").is_file()]
     if not names:
         raise FileNotFoundError("no trained VLM in the demo folder")
     scenes = [s for s in read_json(world / "images" / "scenes.json") if s["split"] == "test"]

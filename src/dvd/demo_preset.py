@@ -18,8 +18,18 @@ from dvd.config import ConfigError, suggest
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 HIDDEN_PRESETS = ("test",)  # the tests' preset: valid, but not offered on the command line
 CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
-VLM_MODELS = ("clean-llava", "delta2-llava")
-VISION_TOWER = {"clean-llava": "clean-clip", "delta2-llava": "delta-clip"}  # the CLIP each VLM is built on
+# the VLMs: LLaVA's recipe on four towers; only Δ²LLaVA is tuned adversarially (PGD in both stages)
+VLM_MODELS = ("clean-llava", "fare-llava", "delta-llava", "delta2-llava")
+VISION_TOWER = {  # the CLIP each VLM is built on
+    "clean-llava": "clean-clip",
+    "fare-llava": "fare",
+    "delta-llava": "delta-clip",
+    "delta2-llava": "delta-clip",
+}
+ADVERSARIAL_VLMS = ("delta2-llava",)
+# the models whose stages form the Δ lane of ``dvd demo --jobs 2`` (the rest: the clean lane); each lane
+# trains two VLMs, so the lanes stay as even as they were with one each (benchmarks/README.md)
+DELTA_LANE = ("delta-clip", "delta-llava", "delta2-llava")
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
 TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
@@ -28,6 +38,8 @@ VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands'
     "vqa": "dvd.eval.vqa",
     "pope": "dvd.eval.pope",
     "targeted": "dvd.eval.targeted",
+    "scienceqa": "dvd.eval.scienceqa",
+    "mme": "dvd.eval.mme",
 }
 
 
@@ -65,6 +77,8 @@ class DemoPreset:
     vlm_eval_steps: int = 20
     targeted_limit: int = 5
     targeted_steps: int = 100
+    scienceqa_limit: int = 50  # ScienceQA questions (image and text-only, each), clean and attacked
+    scienceqa_steps: int = 20  # APGD steps of the ScienceQA attack (at ``vlm_eps``); MME: the world's set
     example_steps: int = 100  # APGD steps of the report's example grid
 
     def fingerprint(self) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dvd.demo_claims import MARGIN_NOTE, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
-from dvd.demo_figures import HEADLINE_EPS, plot_results
-from dvd.demo_preset import VISION_TOWER, VLM_EVALS, ReportInputs
+from dvd.demo_figures import plot_results
+from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, ReportInputs
 from dvd.eval.report import (
     average_rows,
     markdown_table,
@@ -32,25 +33,17 @@ CLIP_LABELS = {
     "tecoa": "TeCoA (adversarial fine-tuning of the clean CLIP, supervised)",
     "fare": "FARE (adversarial fine-tuning of the clean CLIP, unsupervised)",
     "clean-llava": "clean LLaVA (clean CLIP tower, clean instruction tuning)",
-    "delta2-llava": "Δ²LLaVA (ΔCLIP tower, adversarial instruction tuning)",
+    "fare-llava": "LLaVA on the FARE tower, clean instruction tuning (the prior art)",
+    "delta-llava": "LLaVA on the ΔCLIP tower, clean instruction tuning (single defence)",
+    "delta2-llava": "Δ²LLaVA (ΔCLIP tower, adversarial instruction tuning in both stages)",
 }
-
-
-def headline(
-    rows: Sequence[Row], *, task: str = "zeroshot", eps: float = HEADLINE_EPS
-) -> dict[str, dict[str, float]]:
-    """Per model: the clean and attacked metric at ``eps``, averaged over the task's datasets."""
-    out: dict[str, dict[str, float]] = {}
-    for r in average_rows(rows, task=task):
-        if abs(float(r["eps"]) - eps) < 1e-9 and r["adversarial"] is not None:
-            out[r["model"]] = {"clean": r["clean"], "adversarial": r["adversarial"], "n": r["n"]}
-    return out
 
 
 def write_report(inputs: ReportInputs, results: str | Path) -> Path:
     """Write ``OUT/report.md`` and its PNGs from the demo folder; returns the report's path."""
     out = inputs.out
-    rows: list[Row] = read_json(results)
+    # the zero-shot ``average`` rows of results.json are recomputed where shown
+    rows: list[Row] = [r for r in read_json(results) if r["dataset"] != "average"]
     stages = read_json(out / "stages.json") if (out / "stages.json").is_file() else {}
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -107,7 +100,7 @@ def render_markdown(
     if "headline" in plots:
         add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], inputs.out)})\n")
     add("## The paper's claims, checked on the small world\n")
-    add(_claims_text(rows, head))
+    add(_claims_text(rows))
     add("## Zero-shot classification\n")
     add(
         f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot_limit} "
@@ -145,7 +138,7 @@ def render_markdown(
         add("No example grid: the models of this demo folder are not all trained yet.\n")
     if vlm_examples is not None:
         add(
-            "The same test images captioned by the two VLMs: clean, then each model's own worst case at "
+            "The same test images captioned by each VLM: clean, then each model's own worst case at "
             f"4/255 (APGD on the NLL of the image's reference caption, {p.example_steps} steps).\n"
         )
         add(f"![VLM examples]({_rel(vlm_examples, inputs.out)})\n")
@@ -174,100 +167,29 @@ def _headline_text(head: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _claims_text(rows: Sequence[Row], head: dict[str, dict[str, float]]) -> str:
-    out = []
-    clean, delta = head.get("clean-clip"), head.get("delta-clip")
-    if clean and delta:
-        gain = 100 * (delta["adversarial"] - clean["adversarial"])
-        cost = 100 * (clean["clean"] - delta["clean"])
-        verdict = "holds" if gain >= 30 and cost <= 20 else "does not hold"
-        out.append(
-            f"- **Adversarial pre-training makes CLIP robust.** ΔCLIP's attacked accuracy at 4/255 is "
-            f"{_pct(delta['adversarial'])}% against the clean CLIP's {_pct(clean['adversarial'])}% "
-            f"({gain:+.1f} pt), "
-            + (f"at a clean-accuracy cost of {cost:.1f} pt " if cost > 0 else "with no clean-accuracy cost ")
-            + f"({_pct(delta['clean'])}% vs {_pct(clean['clean'])}%). The demo's target (≥ +30 pt attacked, "
-            f"≤ 20 pt clean cost) {verdict} in this run. The paper: an undefended CLIP falls to ~0% at 4/255 "
-            "(OpenAI CLIP ViT-L/14: 73.1% clean → 0.0%), ΔCLIP keeps most of its accuracy."
-        )
-    finetuned = {m: head[m] for m in ("tecoa", "fare") if m in head}
-    if delta and finetuned:
-        best = max(finetuned, key=lambda m: finetuned[m]["adversarial"])
-        diff = 100 * (delta["adversarial"] - finetuned[best]["adversarial"])
-        word = "ahead of" if diff > 0 else "behind"
-        parts = ", ".join(
-            f"{m} {_pct(v['adversarial'])}% attacked / {_pct(v['clean'])}% clean"
-            for m, v in finetuned.items()
-        )
-        out.append(
-            "- **Pre-training beats fine-tuning.** The paper reports ΔCLIP ~20 pt ahead of the best "
-            "adversarially fine-tuned CLIP (TeCoA / FARE: 31.9 / 32.4% at 4/255, averaged zero-shot). "
-            f"Here: {parts}; ΔCLIP is {abs(diff):.1f} pt {word} the best of them ({best}). The fine-tuned "
-            "baselines get far fewer steps than ΔCLIP's pre-training (as in the paper, where they are short "
-            "fine-tunes of a big CLIP)."
-        )
-    vlm = _vlm_headline(rows)
-    if "clean-llava" in vlm and "delta2-llava" in vlm:
-        claims = {
-            "caption": "Δ²LLaVA is ~30% more robust in captioning (COCO CIDEr under attack)",
-            "vqa": "Δ²LLaVA is ~20% more robust in VQA",
-        }
-        for task, claim in claims.items():
-            c, d = vlm["clean-llava"].get(task), vlm["delta2-llava"].get(task)
-            if not (c and d):
-                continue
-            if c["adversarial"] > 0:
-                ratio = f"x{d['adversarial'] / c['adversarial']:.2f} the clean LLaVA's"
-            else:
-                ratio = (
-                    "the clean LLaVA's is 0"
-                    if d["adversarial"] == 0
-                    else "the clean LLaVA's is 0, Δ²LLaVA's is not"
-                )
-            target = ""
-            if task == "caption":
-                holds = d["adversarial"] >= 2 * c["adversarial"] and d["adversarial"] > 0
-                verdict = "holds" if holds else "does not hold"
-                target = f" The demo's target (attacked CIDEr ≥ 2x the clean LLaVA's) {verdict}."
-            attacked = (
-                f"Δ²LLaVA {_metric(task, d['adversarial'])} vs clean LLaVA {_metric(task, c['adversarial'])}"
-            )
-            out.append(
-                f"- **Adversarial instruction tuning protects the VLM** ({task}; paper: {claim}). Attacked "
-                f"at 4/255: {attacked} ({ratio}); clean: {_metric(task, d['clean'])} vs "
-                f"{_metric(task, c['clean'])}.{target}"
-            )
-    if not out:
+def _claims_text(rows: Sequence[Row]) -> str:
+    checks = check_claims(rows)
+    if all(c.measured is None for c in checks):
         return "Not enough results yet to compare with the paper.\n"
-    return "\n".join(out) + "\n"
-
-
-def _metric(task: str, value: float) -> str:
     return (
-        f"{value:.1f} CIDEr"
-        if task == "caption" and value > 10
-        else (f"{100 * value:.1f} CIDEr" if task == "caption" else f"{100 * value:.1f}%")
+        "Issue 17's five claims, each checked against a target (the paper's effect, scaled to the small "
+        "world): 1. ΔCLIP vs the clean CLIP, 2. vs adversarial fine-tuning (TeCoA / FARE), 3. Δ²LLaVA vs "
+        "the prior art (LLaVA's recipe on the FARE tower), 4. double vs single defence (Δ²LLaVA vs LLaVA "
+        "clean-tuned on ΔCLIP), 5. the undefended LLaVA as reference. " + MARGIN_NOTE + "\n\n"
+        + claims_table(checks)
+        + "\nThe paper: an undefended CLIP falls to ~0% at 4/255, ΔCLIP is ~20 pt ahead of TeCoA / FARE, "
+        "Δ²LLaVA ~30% better in attacked captioning and ~20% in attacked VQA than LLaVA on those towers.\n"
     )
-
-
-def _vlm_headline(rows: Sequence[Row]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for task in ("caption", "vqa"):
-        for model, v in headline(rows, task=task).items():
-            out.setdefault(model, {})[task] = v
-    return out
 
 
 def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Path]) -> str:
     vlm_rows = [r for r in rows if r["task"] in VLM_EVALS]
-    lines = ["## Vision-language models (clean LLaVA vs Δ²LLaVA)\n"]
+    lines = ["## Vision-language models (LLaVA on four towers)\n"]
     if not vlm_rows:
         if not inputs.include_vlm:
             lines.append(
                 "**Not run**: the LLaVA half of the demo (`dvd train vlm`) was switched off (`--no-vlm`), "
-                "so clean LLaVA "
-                "(on the clean CLIP) and Δ²LLaVA (on ΔCLIP, adversarial instruction tuning) were not "
-                "trained. Nothing in this report is about VLMs.\n"
+                f"so {', '.join(VLM_MODELS)} were not trained. Nothing in this report is about VLMs.\n"
             )
         else:
             ledger = inputs.out / "stages.json"
@@ -291,17 +213,21 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         return "\n".join(lines)
     p = inputs.preset
     lines.append(
-        f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages; "
-        "Δ²LLaVA attacks every training batch with PGD (eps 4/255) in both stages. Evaluated on "
-        f"{p.vlm_eval_limit} held-out images / questions, attacks with {p.vlm_eval_steps} steps; targeted "
-        "attacks on "
-        f"{p.targeted_limit} images with {p.targeted_steps} steps.\n"
+        f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
+        "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
+        "(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps 4/255 on every training batch of both "
+        f"stages). Evaluated on {p.vlm_eval_limit} held-out images / questions, attacks with "
+        f"{p.vlm_eval_steps} steps; targeted attacks on {p.targeted_limit} images with {p.targeted_steps} "
+        f"steps; ScienceQA on {p.scienceqa_limit} image and {p.scienceqa_limit} text-only questions (APGD "
+        f"{p.scienceqa_steps} steps on the correct letter's NLL); MME on every question the world writes.\n"
     )
     titles = {
         "caption": "Captioning (CIDEr)",
         "vqa": "VQA accuracy (%)",
         "pope": "POPE hallucination (F1 and yes-ratio in %, clean images)",
         "targeted": "Targeted attacks (success rate in %, lower is better; clean = without attack)",
+        "scienceqa": "ScienceQA accuracy (%, all questions and the image subset; text-only ones are not "
+        "attacked)",
     }
     for task, title in titles.items():
         sel = [
@@ -316,7 +242,35 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
                 lines.append(f"![{task} vs eps]({_rel(plots[task], inputs.out)})\n")
             if task == "pope":
                 lines.extend(_pope_notes(rows))
+    mme = mme_table(vlm_rows)
+    if mme:
+        lines.append("### MME (clean)\n")
+        lines.append(
+            "Per subtask: accuracy over questions and acc+ over images (both of its two questions right), "
+            "in %; perception and cognition: the sums of their subtasks' scores (score = accuracy + acc+, "
+            "each in %; ShapesWorld writes perception subtasks only, so cognition is –).\n"
+        )
+        lines.append(mme)
     return "\n".join(lines)
+
+
+def mme_table(rows: Sequence[Row]) -> str:
+    """One line per VLM: the perception and cognition scores, then accuracy / acc+ per subtask."""
+    mme = [r for r in rows if r["task"] == "mme"]
+    subtasks = sorted({r["dataset"].rsplit("/", 1)[1] for r in mme if r["metric"] == "acc_plus"})
+    if not mme:
+        return ""
+    header = ["model", "perception", "cognition", *(f"{s} acc / acc+" for s in subtasks)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in [m for m in VLM_MODELS if any(r["model"] == m for r in mme)]:
+        mine = [r for r in mme if r["model"] == model]
+        value = {(r["dataset"].rsplit("/", 1)[-1], r["metric"]): r["clean"] for r in mine}
+        totals = [value.get(("mme", t)) for t in ("perception", "cognition")]
+        cells = ["–" if v is None else f"{v:.1f}" for v in totals]
+        for sub in subtasks:
+            cells.append(f"{_pct(value.get((sub, 'accuracy')))} / {_pct(value.get((sub, 'acc_plus')))}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _pope_notes(rows: Sequence[Row]) -> list[str]:
