@@ -309,7 +309,8 @@ class Demo:
         """``dvd eval zeroshot | retrieval`` of one CLIP, the same attack for every model."""
         p = self.preset
         module, steps, limit, extra = {
-            "zeroshot": (zeroshot, p.zeroshot_steps, p.zeroshot_limit, ["--attack", p.zeroshot_attack]),
+            "zeroshot": (zeroshot, p.zeroshot_steps, p.zeroshot_limit,
+                         ["--attack", p.zeroshot_attack, "--escalation-queries", str(p.escalation_queries)]),
             "retrieval": (retrieval, p.retrieval_steps, p.retrieval_limit, ["--split", "test"]),
         }[task]
 

@@ -66,6 +66,9 @@ class DemoPreset:
     zeroshot_attack: str = "apgd-ce"
     zeroshot_steps: int = 100
     zeroshot_limit: int = 100
+    # Square Attack queries when a gradient-masking check fires (dvd eval zeroshot --escalation-queries;
+    # 5000 is AutoAttack standard's budget)
+    escalation_queries: int = 5000
     retrieval_steps: int = 100
     retrieval_limit: int = 100
     # VLM (dvd train vlm keys), per stage; evaluation sizes

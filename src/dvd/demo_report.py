@@ -106,7 +106,8 @@ def render_markdown(
         f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot_limit} "
         "test images each, text classifier from class names × templates. Attack: "
         f"{p.zeroshot_attack.upper()} with {p.zeroshot_steps} steps, L∞ eps {', '.join(p.eps)} (the "
-        "paper's protocol, minus APGD-T). Accuracy in %.\n"
+        "paper's protocol, minus APGD-T); when a gradient-masking check fires, a Square Attack with "
+        f"{p.escalation_queries} queries runs on the survivors and counts. Accuracy in %.\n"
     )
     zeroshot = [r for r in rows if r["task"] == "zeroshot"]
     add(markdown_table(_ordered(average_rows(zeroshot, task="zeroshot") + zeroshot)) + "\n")
@@ -333,7 +334,8 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         lines.append(f"  - {name}: " + ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg))
     lines.append(
         f"- Attacks at evaluation: zero-shot {p.zeroshot_attack.upper()} {p.zeroshot_steps} steps on "
-        f"{p.zeroshot_limit} images per task; retrieval APGD {p.retrieval_steps} steps on "
+        f"{p.zeroshot_limit} images per task (Square {p.escalation_queries} queries where a masking check "
+        "fires); retrieval APGD {p.retrieval_steps} steps on "
         f"{p.retrieval_limit} images; "
         f"L∞ eps {', '.join(p.eps)}, images in [0, 1] (normalisation inside the model)."
     )
