@@ -98,6 +98,7 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{figure})" in report
     assert "| train delta-clip | Δ | " in report and "| **all stages** |" in report
+    assert "{" not in report and "}" not in report  # every template field was filled in
 
 
 def test_demo_writes_each_stage_config_as_a_rerunnable_yaml(demo_dir: Path) -> None:
@@ -242,6 +243,29 @@ def test_the_lanes_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: pyt
     assert len(started) == 2
     for argv in started:  # each child checks the folder's settings against the seed-3 preset
         assert argv[argv.index("--seeds") + 1] == "3" and argv[argv.index("--out") + 1] == str(tmp_path)
+
+
+def test_a_lane_process_that_dies_leaves_its_stages_failed_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Child:  # the clean lane finishes; the Δ lane's process dies before recording anything
+        def __init__(self, argv: list[str]) -> None:
+            self.delta = "train delta-clip" in argv
+
+        def wait(self) -> int:
+            return 1 if self.delta else 0
+
+    monkeypatch.setattr(demo_module.subprocess, "Popen", Child)
+    demo = demo_module.Demo(tmp_path, load_preset("test"))
+    clean, delta = demo.lanes()
+    for name in clean:
+        demo.ledger.record(name, status="done")
+    demo._run_lanes()
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert all(stages[name]["status"] == "done" for name in clean)
+    assert all(stages[name]["status"] == "failed" for name in delta)
+    assert stages["train delta-clip"]["error"] == "its lane process exited with status 1"
+    assert set(delta) <= set(demo.failed)
 
 
 def test_seeds_write_one_demo_layout_per_seed_and_one_report(tmp_path: Path) -> None:

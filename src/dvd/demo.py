@@ -181,11 +181,11 @@ class Demo:
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
+        lanes = [lane for lane in self.lanes() if lane]
         try:
-            for lane in self.lanes():
-                if lane:
-                    only = [arg for name in lane for arg in ("--only", name)]
-                    children.append(subprocess.Popen(argv + only))
+            for lane in lanes:
+                only = [arg for name in lane for arg in ("--only", name)]
+                children.append(subprocess.Popen(argv + only))
             codes = [child.wait() for child in children]
         except KeyboardInterrupt:
             for child in children:  # they got the same Ctrl-C; let them record where they stopped
@@ -194,7 +194,19 @@ class Demo:
         if any(code == 130 for code in codes):
             raise KeyboardInterrupt
         self.ledger = Ledger.load(self.ledger.path)
+        for lane, code in zip(lanes, codes, strict=True):
+            self._record_lost(lane, code)
         self.failed += [n for n, info in self.ledger.entries.items() if info.get("status") == "failed"]
+
+    def _record_lost(self, lane: Sequence[str], code: int) -> None:
+        """A lane process that died (exit status ``code``) before finishing its stages: those stages are
+        recorded as failed, so the report and the exit status say so instead of leaving them out."""
+        if code == 0:
+            return
+        for name in lane:
+            if self.ledger.entries.get(name, {}).get("status") not in ("done", "failed"):
+                self.ledger.record(name, status="failed", error=f"its lane process exited with status {code}",
+                                   finished=now())
 
     def _needs_met(self, stage: Stage) -> bool:
         """Whether the stages ``stage`` reads from are done; a lane waits for the other lane's."""

@@ -335,7 +335,7 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
     lines.append(
         f"- Attacks at evaluation: zero-shot {p.zeroshot_attack.upper()} {p.zeroshot_steps} steps on "
         f"{p.zeroshot_limit} images per task (Square {p.escalation_queries} queries where a masking check "
-        "fires); retrieval APGD {p.retrieval_steps} steps on "
+        f"fires); retrieval APGD {p.retrieval_steps} steps on "
         f"{p.retrieval_limit} images; "
         f"L∞ eps {', '.join(p.eps)}, images in [0, 1] (normalisation inside the model)."
     )
