@@ -114,3 +114,25 @@ def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why(
     assert 'clean-llava answers "no"' in note and "clean-clip's zero-shot shape accuracy 14.0%" in note
     (note,) = _pope_notes(pope("delta2-llava", 1.0))
     assert note.startswith('- **delta2-llava answers "yes"') and "(yes-ratio 100.0%)" in note
+
+
+def test_scienceqa_below_guessing_and_mme_alike_answers_get_notes_saying_they_measure_nothing() -> None:
+    from dvd.demo_report import _mme_notes, _scienceqa_notes
+
+    def metric(model: str, task: str, dataset: str, name: str, clean: float) -> dict:
+        return {**row(model, dataset, 0.0, clean, None, task), "metric": name}
+
+    scienceqa = [metric("fare-llava", "scienceqa", "shapesworld/scienceqa", "accuracy", 0.0),
+                 metric("delta2-llava", "scienceqa", "shapesworld/scienceqa", "accuracy", 0.62)]
+    (note,) = _scienceqa_notes(scienceqa)
+    assert note.startswith("- **fare-llava score below guessing on ScienceQA**") and "delta2" not in note
+    assert _scienceqa_notes(scienceqa[1:]) == []
+
+    def mme(model: str, accuracy: float, plus: float) -> list[dict]:
+        return [metric(model, "mme", f"shapesworld/mme/{t}", name, value)
+                for t in ("color", "count") for name, value in (("accuracy", accuracy), ("acc_plus", plus))]
+
+    (note,) = _mme_notes(mme("clean-llava", 0.5, 0.0) + mme("delta-llava", 0.5, 0.1))
+    assert note.startswith("- **clean-llava answer both questions of every MME image alike**")
+    assert "delta-llava" not in note
+    assert _mme_notes(mme("delta2-llava", 0.75, 0.5)) == []

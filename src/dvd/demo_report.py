@@ -243,6 +243,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
                 lines.append(f"![{task} vs eps]({_rel(plots[task], inputs.out)})\n")
             if task == "pope":
                 lines.extend(_pope_notes(rows))
+            if task == "scienceqa":
+                lines.extend(_scienceqa_notes(rows))
     mme = mme_table(vlm_rows)
     if mme:
         lines.append("### MME (clean)\n")
@@ -252,7 +254,40 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
             "each in %; ShapesWorld writes perception subtasks only, so cognition is –).\n"
         )
         lines.append(mme)
+        lines.extend(_mme_notes(rows))
     return "\n".join(lines)
+
+
+def _scienceqa_notes(rows: Sequence[Row]) -> list[str]:
+    """A line when VLMs score below guessing on ScienceQA: they do not answer with an option letter."""
+    chance = 1 / 3  # the world's questions have 2-3 options
+    low = [r["model"] for r in rows if r["task"] == "scienceqa" and r["metric"] == "accuracy"
+           and r["clean"] < chance]
+    if not low:
+        return []
+    return [
+        f"- **{', '.join(low)} score below guessing on ScienceQA** (clean, chance ≥ 33%): they do not answer "
+        "with an option letter. The world's instruction data has no multiple-choice questions (LLaVA-1.5's "
+        "mix has them, with this prompt), so at this scale these rows measure the format, not reasoning.\n"
+    ]
+
+
+def _mme_notes(rows: Sequence[Row]) -> list[str]:
+    """A line for each VLM that gives both questions of every MME image the same answer."""
+    same = []
+    for model in VLM_MODELS:
+        mine = [r for r in rows if r["model"] == model and r["task"] == "mme"]
+        plus = [r["clean"] for r in mine if r["metric"] == "acc_plus"]
+        accuracy = [r["clean"] for r in mine if r["metric"] == "accuracy"]
+        if plus and max(plus) == 0 and all(abs(a - 0.5) < 1e-9 for a in accuracy):
+            same.append(model)
+    if not same:
+        return []
+    return [
+        f"- **{', '.join(same)} answer both questions of every MME image alike** (accuracy 50%, acc+ 0 in "
+        "every subtask): one always-yes or always-no reply to MME's \"Please answer yes or no.\" prompt, "
+        "which the world's instruction data does not use; the scores measure nothing at this scale.\n"
+    ]
 
 
 def mme_table(rows: Sequence[Row]) -> str:
