@@ -258,3 +258,14 @@ def test_mme_rows_follow_the_answers(shapesworld, checkpoint, monkeypatch):
             assert row.clean == 0.5  # one Yes and one No question per image
         if row.metric == "acc_plus":
             assert row.clean == 0.0
+
+
+@pytest.mark.parametrize("task", ["scienceqa", "mme"])
+def test_save_samples_writes_each_questions_answer(task, shapesworld, checkpoint, tmp_path):
+    """--save-samples reaches ScienceQA and MME as every other evaluation (it was silently dropped)."""
+    samples = tmp_path / "samples"
+    args = ["eval", task, "--model", str(checkpoint), "--data", str(shapesworld)]
+    args += ["--save-samples", str(samples)]
+    assert main([*args, "--out", str(tmp_path / "r.json"), "--no-progress", "--limit", "3"]) == 0
+    records = [json.loads(line) for path in samples.glob(f"{task}-*.jsonl") for line in path.open()]
+    assert records and all(isinstance(r["clean"], str) and r["references"] for r in records)

@@ -143,6 +143,6 @@ def cli(argv: Sequence[str]) -> int:
     model = va.load_from_args(args)
     vp.use_template(model, args.template)
     data = MME(root, transform=model_transform(model), subtasks=subtasks)
-    spec = common.spec.replace(dataset_name=args.dataset_name or name, save_samples=None)
+    spec = common.spec.replace(dataset_name=args.dataset_name or name)
     rows = evaluate_mme(model, data, spec, suffix=args.suffix)
     return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)

@@ -156,6 +156,6 @@ def cli(argv: Sequence[str]) -> int:
     model = va.load_from_args(args)
     vp.use_template(model, args.template)
     image_questions, text_questions = scienceqa_split(questions, images, transform=model_transform(model))
-    spec = common.spec.replace(dataset_name=args.dataset_name or name, save_samples=None)
+    spec = common.spec.replace(dataset_name=args.dataset_name or name)
     rows = evaluate_scienceqa(model, image_questions, text_questions, spec, instruction=args.instruction)
     return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)
