@@ -188,3 +188,14 @@ def test_png_bytes_decode_to_the_same_pixels() -> None:
     decoded = Image.open(io.BytesIO(data))
     assert decoded.format == "PNG" and decoded.mode == "RGB"
     assert np.array_equal(np.asarray(decoded), array)
+
+
+def test_hard_captions_name_only_the_chosen_attributes_and_an_unknown_name_is_refused() -> None:
+    spec = dataclasses.replace(SPEC, hard_caption_prob=1.0, hard_caption_names=("texture", "shape"))
+    for i in range(50):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        assert pretrain_caption(scene, rng, spec) == f"{scene.texture.capitalize()} {scene.shape} shapes."
+    bad = dataclasses.replace(spec, hard_caption_names=("shape", "colour"))
+    with pytest.raises(ValueError, match="colour"):
+        pretrain_caption(scene, scene_rng(0, 0, 0), bad)

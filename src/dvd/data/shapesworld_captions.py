@@ -136,12 +136,29 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _sentence(pick(rng, CAPTION_TEMPLATES)(scene, rng))
 
 
+HARD_CAPTION_NAMES = ("count", "size", "color", "texture", "shape")
+
+
+def hard_caption(scene: Scene, rng: np.random.Generator, names: tuple[str, ...]) -> str:
+    """A caption naming only the attributes ``names`` (the shape always): "Two small solid star shapes."
+
+    The shape word stays singular, as in the zero-shot prompts; without the count it is "star shapes".
+    """
+    unknown = set(names) - set(HARD_CAPTION_NAMES)
+    if unknown:
+        choices = list(HARD_CAPTION_NAMES)
+        raise ValueError(f"hard_caption_names: unknown {sorted(unknown)}; choose from {choices}")
+    count = "count" in names
+    noun = scene.shape if count and scene.count == 1 else f"{scene.shape} shapes"
+    words = [_number(scene.count, rng) if count else ""]
+    words += [getattr(scene, name) if name in names else "" for name in ("size", "color", "texture")]
+    return _sentence(_join(*words, noun))
+
+
 def pretrain_caption(scene: Scene, rng: np.random.Generator, spec: ShapesWorldSpec = SPEC) -> str:
-    """A pre-training caption; with ``spec.hard_caption_prob``, every attribute but the colour."""
+    """A pre-training caption; with ``spec.hard_caption_prob``, one naming ``spec.hard_caption_names``."""
     if spec.hard_caption_prob > 0 and rng.random() < spec.hard_caption_prob:
-        # "two small solid star shapes": the shape word stays singular, as in the zero-shot prompts
-        noun = scene.shape if scene.count == 1 else f"{scene.shape} shapes"
-        return _sentence(_join(_number(scene.count, rng), scene.size, scene.texture, noun))
+        return hard_caption(scene, rng, spec.hard_caption_names)
     return caption(scene, rng)
 
 

@@ -103,6 +103,8 @@ class ShapesWorldSpec:
     # world of earlier releases): the contrastive loss is satisfied by colour unless some captions omit it
     # (benchmarks/shapesworld_learnability.md)
     hard_caption_prob: float = 0.0
+    # what a hard caption names, of count, size, colour, texture, shape (shape always)
+    hard_caption_names: tuple[str, ...] = ("count", "size", "texture", "shape")
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
