@@ -188,3 +188,33 @@ def test_png_bytes_decode_to_the_same_pixels() -> None:
     decoded = Image.open(io.BytesIO(data))
     assert decoded.format == "PNG" and decoded.mode == "RGB"
     assert np.array_equal(np.asarray(decoded), array)
+
+
+def test_hard_captions_name_each_attribute_with_its_keep_probability_and_the_shape_always() -> None:
+    texture_only = {"texture": 1.0, "shape": 1.0}
+    spec = dataclasses.replace(SPEC, hard_caption_prob=1.0, hard_caption_keep=texture_only)
+    for i in range(50):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        assert pretrain_caption(scene, rng, spec) == f"{scene.texture.capitalize()} {scene.shape} shapes."
+    half = dataclasses.replace(spec, hard_caption_keep={"count": 0.5, "size": 0.5, "texture": 0.5})
+    named = {"size": 0, "texture": 0, "shape only": 0}
+    for i in range(400):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        words = _words(pretrain_caption(scene, rng, half))
+        assert scene.shape in words and not words & set(SPEC.colors)
+        named["size"] += scene.size in words
+        named["texture"] += scene.texture in words
+        named["shape only"] += words <= {scene.shape, "shapes"}
+    assert 150 <= named["size"] <= 250 and 150 <= named["texture"] <= 250, named
+    assert 25 <= named["shape only"] <= 75, named  # 1/8 of them: count, size and texture all left out
+    bad = dataclasses.replace(spec, hard_caption_keep={"shape": 1.0, "colour": 1.0})
+    with pytest.raises(ValueError, match="colour"):
+        pretrain_caption(scene, scene_rng(0, 0, 0), bad)
+
+
+def test_the_spec_summary_names_hard_caption_settings_only_when_hard_captions_are_on() -> None:
+    assert "hard_caption_keep" not in SPEC.to_json()
+    on = dataclasses.replace(SPEC, hard_caption_prob=0.5, hard_caption_keep={"texture": 0.5, "shape": 1.0})
+    assert on.to_json()["hard_caption_keep"] == {"texture": 0.5, "shape": 1.0}

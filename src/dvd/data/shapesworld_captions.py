@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from dvd.data.shapesworld_scenes import (
@@ -136,12 +138,35 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _sentence(pick(rng, CAPTION_TEMPLATES)(scene, rng))
 
 
+HARD_CAPTION_NAMES = ("count", "size", "color", "texture", "shape")
+
+
+def hard_caption(scene: Scene, rng: np.random.Generator, keep: Mapping[str, float]) -> str:
+    """A caption naming attribute ``a`` with probability ``keep[a]``, the shape always: "Two star shapes."
+
+    One draw per attribute with a probability strictly between 0 and 1 (count, size, color, texture order).
+    The shape word stays singular, as in the zero-shot prompts; without the count it is "star shapes".
+    """
+    unknown = set(keep) - set(HARD_CAPTION_NAMES)
+    if unknown:
+        choices = list(HARD_CAPTION_NAMES)
+        raise ValueError(f"hard_caption_keep: unknown {sorted(unknown)}; choose from {choices}")
+    named = set()
+    for name in HARD_CAPTION_NAMES[:-1]:
+        p = float(keep.get(name, 0.0))
+        if p >= 1.0 or (p > 0.0 and rng.random() < p):
+            named.add(name)
+    count = "count" in named
+    noun = scene.shape if count and scene.count == 1 else f"{scene.shape} shapes"
+    words = [_number(scene.count, rng) if count else ""]
+    words += [getattr(scene, name) if name in named else "" for name in ("size", "color", "texture")]
+    return _sentence(_join(*words, noun))
+
+
 def pretrain_caption(scene: Scene, rng: np.random.Generator, spec: ShapesWorldSpec = SPEC) -> str:
-    """A pre-training caption; with ``spec.hard_caption_prob``, every attribute but the colour."""
+    """A pre-training caption; with ``spec.hard_caption_prob``, a hard one (:func:`hard_caption`)."""
     if spec.hard_caption_prob > 0 and rng.random() < spec.hard_caption_prob:
-        # "two small solid star shapes": the shape word stays singular, as in the zero-shot prompts
-        noun = scene.shape if scene.count == 1 else f"{scene.shape} shapes"
-        return _sentence(_join(_number(scene.count, rng), scene.size, scene.texture, noun))
+        return hard_caption(scene, rng, spec.hard_caption_keep)
     return caption(scene, rng)
 
 

@@ -103,9 +103,17 @@ class ShapesWorldSpec:
     # world of earlier releases): the contrastive loss is satisfied by colour unless some captions omit it
     # (benchmarks/shapesworld_learnability.md)
     hard_caption_prob: float = 0.0
+    # how likely a hard caption names each attribute (count, size, color, texture; the shape always): below 1,
+    # some hard captions name the shape with few others, so that matching them needs the shape
+    hard_caption_keep: dict[str, float] = field(
+        default_factory=lambda: {"count": 1.0, "size": 1.0, "texture": 1.0, "shape": 1.0}
+    )
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        if not self.hard_caption_prob:  # no hard captions: the summary of earlier releases, byte for byte
+            del out["hard_caption_keep"]
+        return out
 
 
 SPEC = ShapesWorldSpec()

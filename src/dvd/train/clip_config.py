@@ -37,6 +37,10 @@ class ClipTrainConfig:
     resampled: bool = False
     shuffle_buffer: int = 1000
     augment: bool = True  # open_clip's RandomResizedCrop(scale 0.9-1); false: images as they are, resized
+    # hard-negative batches (clean/delta on shards with KEY.json): this share of the batches holds samples
+    # that agree on these KEY.json attributes, e.g. [color] (dvd.train.clip_groups); [] = random batches
+    batch_group_by: list[str] = field(default_factory=list)
+    batch_group_prob: float = 0.5
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
@@ -129,6 +133,8 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
             f"recipe {cfg.recipe} fine-tunes a pre-trained CLIP; set pretrained=DIR (a dvd checkpoint "
             "folder), an open_clip tag or a weights file"
         )
+    if not 0.0 <= cfg.batch_group_prob <= 1.0:
+        raise ConfigError(f"batch_group_prob must be in [0, 1], got {cfg.batch_group_prob}")
     parse_eps(cfg.eps)
     parse_eps(cfg.eval_eps)
     if cfg.attack_steps is None:

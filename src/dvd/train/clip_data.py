@@ -25,6 +25,7 @@ from dvd.data.transforms import image_transform
 from dvd.data.zeroshot import load_zeroshot
 from dvd.models.clip import DvdCLIP
 from dvd.train.clip_config import ClipTrainConfig
+from dvd.train.clip_groups import grouped_pairs
 from dvd.train.distributed import DistEnv
 from dvd.train.rng import derived_seed
 
@@ -188,6 +189,8 @@ def build_dataset(
         task = load_zeroshot(cfg.data, transform=transform, split=cfg.split, split_by_node=True)
         return task.dataset, collate_labelled, info
     if kind == "csv":
+        if cfg.batch_group_by:
+            raise ConfigError("batch_group_by needs webdataset shards with KEY.json, not a CSV file")
         data: Any = CsvImageText(
             cfg.data,
             transform=transform,
@@ -198,7 +201,12 @@ def build_dataset(
         )
     else:
         urls = shapesworld_shards(cfg.data) if kind == "shapesworld" else cfg.data
-        if cfg.recipe == "fare":  # captions are not needed, but a sample without one is still an image
+        if cfg.batch_group_by and cfg.recipe in ("clean", "delta"):
+            data = grouped_pairs(
+                urls, keys=cfg.batch_group_by, prob=cfg.batch_group_prob, batch_size=cfg.batch_size,
+                transform=transform, resampled=cfg.resampled, seed=cfg.seed, shuffle=shuffle,
+            )
+        elif cfg.recipe == "fare":  # captions are not needed, but a sample without one is still an image
             data = ShardStream(
                 urls,
                 transform=transform,
