@@ -3,30 +3,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-import skimage
 import torch
 
 from dvd.cli import main
 from dvd.eval.options import model_row_name
 from dvd.eval.results import read_rows
 from dvd.models.clip import create_clip, save_clip
-
-PHOTOS = {"cat": ["chelsea.png", "coffee.png"], "space": ["rocket.jpg", "moon.png"]}
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cmd") / "photos"
-    source = Path(skimage.data.__file__).parent
-    for name, files in PHOTOS.items():
-        (root / "test" / name).mkdir(parents=True)
-        for file in files:
-            shutil.copy(source / file, root / "test" / name / file)
-    return root
 
 
 @pytest.fixture(scope="module")
