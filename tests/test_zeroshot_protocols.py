@@ -252,6 +252,9 @@ def test_images_get_the_models_open_clip_preprocessing_without_normalize() -> No
 def test_flags_that_would_change_the_published_attack_are_refused(standins, tmp_path, capsys) -> None:
     assert run(standins, tmp_path / "r.json", "--eps", "8/255", "--steps", "10") == 2
     assert "drop --eps, --steps" in capsys.readouterr().err
+    # the protocol runs without the masking checks, so an escalation budget would be silently unused
+    assert run(standins, tmp_path / "r.json", "--escalation-queries", "1000") == 2
+    assert "drop --escalation-queries" in capsys.readouterr().err
 
 
 def test_multilabel_datasets_are_left_out_up_front(tmp_path, capsys) -> None:

@@ -24,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision import transforms as T
 
+from dvd.attacks.escalation import ESCALATION_QUERIES
 from dvd.config import ConfigError, suggest
 from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
@@ -126,6 +127,7 @@ def _check_fixed_flags(args: argparse.Namespace, protocol: Protocol) -> None:
         "--attack": args.attack != "apgd-ce",
         "--steps": str(args.steps) != "100",
         "--attack-precision": args.attack_precision is not None,
+        "--escalation-queries": str(args.escalation_queries) != str(ESCALATION_QUERIES),  # checks are off
         "--dataset": bool(args.dataset),
     }
     given = [flag for flag, differs in changed.items() if differs]
