@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 
-from dvd.config import ConfigError
+from dvd.config import ConfigError, positive_int
 from dvd.data import shapesworld
 from dvd.demo_preset import (
     ADVERSARIAL_VLMS,
@@ -428,18 +428,14 @@ def cli(argv: Sequence[str]) -> int:
         "and results.json. Re-run to continue an interrupted demo.",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--preset", default="quick", help="quick (default, ~15 min on 2 CPU cores) or full")
+    parser.add_argument("--preset", default="quick", help="quick (default) or full")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the tiny models)"
     )
     parser.add_argument("--no-vlm", action="store_true", help="skip the LLaVA half (CLIP models only)")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=2,
-        help="run the clean and the Δ chains side by side (default 2; 1: in turn)",
-    )
+    parser.add_argument("--jobs", type=int, default=2, help="run the clean and the Δ chains side by side "
+                        "(default 2; 1: in turn)")
     parser.add_argument(
         "--seeds",
         default=None,
@@ -452,12 +448,10 @@ def cli(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     preset = load_preset(args.preset)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [preset.seed]
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    for flag in ("threads", "jobs"):
+        positive_int(getattr(args, flag), f"--{flag}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     failed: list[str] = []
 
     def run_one(out: str | Path, seed: int) -> dict[str, Any]:

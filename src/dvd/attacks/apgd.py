@@ -77,23 +77,11 @@ def _single_run(
     out, grad = value_and_grad(objective, start)
     reports = out.success is not None
     found = out.success if reports else torch.zeros_like(out.loss, dtype=torch.bool)
-    s = _Active(
-        x=x,
-        index=index,
-        cur=start,
-        prev=start,
-        grad=grad,
-        loss=out.loss,
-        best=start,
-        grad_best=grad,
-        loss_best=out.loss,
-        found=found,
-        x_found=start,
-        step=torch.full_like(out.loss, 2.0 * eps),
-        n_increase=torch.zeros_like(out.loss),
-        loss_best_at_check=out.loss,
-        reduced_at_check=torch.ones_like(found),
-    )
+    s = _Active(x=x, index=index, found=found, step=torch.full_like(out.loss, 2.0 * eps))
+    s.cur = s.prev = s.best = s.x_found = start  # every point of the run starts at the start
+    s.grad = s.grad_best = grad
+    s.loss = s.loss_best = s.loss_best_at_check = out.loss
+    s.n_increase, s.reduced_at_check = torch.zeros_like(out.loss), torch.ones_like(found)
     windows = iter(checkpoint_lengths(steps))
     window, since_check = next(windows), 0
     every = compaction_interval(x)

@@ -12,6 +12,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["CiderScorer", "cider", "cider_per_image", "ptb_tokenize"]
 
@@ -262,14 +263,11 @@ def cider_per_image(
     return {key: scorer(key, caption) for key, caption in candidates.items()}
 
 
-def cider(
-    references: Mapping[Hashable, Sequence[str]],
-    candidates: Mapping[Hashable, str],
-    *,
-    n: int = 4,
-    sigma: float = 6.0,
-    tokenize: bool = True,
-) -> float:
-    """Corpus CIDEr-D (the number COCO reports, not times 100): the mean of :func:`cider_per_image`."""
-    scores = cider_per_image(references, candidates, n=n, sigma=sigma, tokenize=tokenize)
+Captions = Mapping[Hashable, str]
+
+
+def cider(references: Mapping[Hashable, Sequence[str]], candidates: Captions, **options: Any) -> float:
+    """Corpus CIDEr-D (the number COCO reports, not times 100): the mean of :func:`cider_per_image`, which
+    takes the same arguments (``n``, ``sigma``, ``tokenize``)."""
+    scores = cider_per_image(references, candidates, **options)
     return sum(scores.values()) / len(scores)

@@ -11,6 +11,7 @@ from pathlib import Path
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from dvd.config import ConfigError, parse_eps, positive_int, suggest
+from dvd.train.common_config import CommonTrainConfig, check_common
 
 RECIPES = ("clean", "delta", "tecoa", "fare")
 # per-channel mean/std a recipe may normalise with (open_clip's constants); "model" keeps the model's own
@@ -23,8 +24,9 @@ SHAPESWORLD_TASKS = ("shape", "color", "count", "size", "texture")
 
 
 @dataclass
-class ClipTrainConfig:
-    """Everything ``dvd train clip`` takes (YAML file + ``key=value`` overrides)."""
+class ClipTrainConfig(CommonTrainConfig):
+    """Everything ``dvd train clip`` takes (YAML file + ``key=value`` overrides); the shared runtime and
+    bookkeeping keys are :class:`CommonTrainConfig`'s."""
 
     recipe: str = "delta"
     model: str = "dvd-tiny-vit"  # open_clip name, model-config JSON, hf-hub: tag or checkpoint folder
@@ -56,17 +58,10 @@ class ClipTrainConfig:
     min_lr_ratio: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.2
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    distributed: str = "ddp"  # ddp | fsdp
-    grad_checkpointing: bool = False
     local_loss: bool = True
     gather_with_grad: bool = True
-    seed: int = 0
     # attack
     eps: str = "4/255"
     attack_steps: int | None = None  # default: 2 for delta, 10 for tecoa/fare, 0 for clean
@@ -78,12 +73,6 @@ class ClipTrainConfig:
     phases: list[dict[str, int]] = field(default_factory=list)  # [{steps, image_size, attack_steps}]
     # bookkeeping
     checkpoint_every: int = 50
-    keep_last: int = 3
-    resume: str | None = None  # "latest" or a checkpoint folder
-    stop_at: int | None = None  # end this invocation at this step, checkpointed (time-limited jobs)
-    log_every: int = 10
-    max_nonfinite_in_a_row: int = 10
-    progress: bool = True
     # periodic zero-shot evaluation on ShapesWorld tasks (clean + short PGD)
     eval_every: int = 0
     eval_data: str | None = None  # ShapesWorld root; default: ``data`` when it is one
@@ -110,16 +99,10 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
         raise ConfigError(f"unknown normalization {cfg.normalization!r}{suggest(cfg.normalization, choices)}")
     if not cfg.data:
         raise ConfigError("no training data; set data=DIR (ShapesWorld root), shard urls or a CSV file")
-    for name in (
-        "steps",
-        "batch_size",
-        "accum_steps",
-        "checkpoint_every",
-        "keep_last",
-        "max_nonfinite_in_a_row",
-    ):
+    check_common(cfg)
+    for name in ("steps", "batch_size", "accum_steps", "checkpoint_every"):
         positive_int(getattr(cfg, name), name)
-    for name in ("workers", "warmup_steps", "eps_warmup_steps", "log_every", "eval_every", "shuffle_buffer"):
+    for name in ("workers", "warmup_steps", "eps_warmup_steps", "eval_every", "shuffle_buffer"):
         if int(getattr(cfg, name)) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):

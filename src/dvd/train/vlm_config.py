@@ -11,6 +11,7 @@ import torch
 
 from dvd.config import ConfigError, parse_eps, positive_int
 from dvd.models.vlm_conversation import get_template
+from dvd.train.common_config import CommonTrainConfig, check_common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the demo's language model: a tiny random Llama (vocabulary size and special ids come from the tokenizer)
@@ -21,8 +22,9 @@ TINY_LLAMA = {
 
 
 @dataclass
-class VlmTrainConfig:
-    """Everything ``dvd train vlm`` takes (YAML file + ``key=value`` overrides)."""
+class VlmTrainConfig(CommonTrainConfig):
+    """Everything ``dvd train vlm`` takes (YAML file + ``key=value`` overrides); the shared runtime and
+    bookkeeping keys are :class:`CommonTrainConfig`'s."""
 
     stage: int = 2
     adversarial: bool = False
@@ -66,15 +68,8 @@ class VlmTrainConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    distributed: str = "ddp"  # ddp | fsdp
-    grad_checkpointing: bool = False
-    seed: int = 0
     # Δ² attack
     eps: str = "4/255"
     attack_steps: int = 3
@@ -85,12 +80,6 @@ class VlmTrainConfig:
     eps_warmup_steps: int = 0
     # bookkeeping
     checkpoint_every: int = 100
-    keep_last: int = 3
-    resume: str | None = None  # "latest" or a checkpoint folder
-    stop_at: int | None = None
-    log_every: int = 10
-    max_nonfinite_in_a_row: int = 10
-    progress: bool = True
 
 
 def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
@@ -105,13 +94,14 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
         )
     if cfg.lora and not cfg.train_lm:
         raise ConfigError("lora=true adapts the language model; set train_lm=true (or lora=false)")
-    for name in ("batch_size", "accum_steps", "checkpoint_every", "keep_last", "max_nonfinite_in_a_row"):
+    check_common(cfg)
+    for name in ("batch_size", "accum_steps", "checkpoint_every"):
         positive_int(getattr(cfg, name), name)
     if cfg.steps is not None:
         positive_int(cfg.steps, "steps")
     elif not cfg.epochs > 0:
         raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
-    for name in ("workers", "log_every", "eps_warmup_steps"):
+    for name in ("workers", "eps_warmup_steps"):
         if int(getattr(cfg, name)) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("lr", "projector_lr", "vision_lr"):
@@ -124,8 +114,6 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lm_dtype is not None and cfg.lm_dtype not in DTYPES:
         raise ConfigError(f"lm_dtype {cfg.lm_dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.distributed not in ("ddp", "fsdp"):
-        raise ConfigError(f"distributed {cfg.distributed!r} is not one of ddp, fsdp")
     if cfg.attack_mode not in ("train", "eval"):
         raise ConfigError(f"attack_mode {cfg.attack_mode!r} is not one of train, eval")
     if cfg.max_length is not None:
