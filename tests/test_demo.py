@@ -136,6 +136,44 @@ def test_unknown_preset_is_a_one_line_error_with_a_suggestion(tmp_path: Path) ->
         cli(["--out", str(tmp_path), "--preset", "quik"])
 
 
+def _preset(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "mine.yaml").write_text(text)
+    return tmp_path
+
+
+def test_a_preset_groups_the_evaluation_and_world_settings_in_sections_that_keep_their_defaults(
+    tmp_path: Path,
+) -> None:
+    folder = _preset(tmp_path, "world:\n  size: 64\nvlm_eval:\n  eps:\n  - 4/255\nscienceqa: {steps: 3}\n")
+    p = load_preset("mine", folder)
+    assert (p.world.size, p.world.image_size) == (64, 32)
+    assert p.vlm_eval.eps == ("4/255",) and p.vlm_eval.references == 5  # YAML lists become tuples
+    assert (p.scienceqa.limit, p.scienceqa.steps) == (50, 3)
+    assert (p.retrieval.limit, p.targeted.limit) == (100, 5)  # one Budget class, a default per use
+    assert p.fingerprint()["scienceqa"] == {"limit": 50, "steps": 3}
+    quick = load_preset("quick")
+    assert (quick.zeroshot.escalation_queries, quick.retrieval.limit) == (1000, 50)
+    assert quick.vlm_eval.eps == ("4/255",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("zeroshot_steps: 2\n", r"unknown key 'zeroshot_steps' in .*mine.yaml \(did you mean 'zeroshot'"),
+        ("zeroshot:\n  step: 2\n", r"unknown key 'zeroshot.step' in .*mine.yaml \(did you mean 'steps'"),
+        ("world: 64\n",
+         r"world in .*mine.yaml must be a mapping of size, image_size, eval_size, instruct_size, got 64"),
+        ("targeted: [1, 2]\n", r"targeted in .*mine.yaml must be a mapping of limit, steps, got \[1, 2\]"),
+    ],
+)
+def test_an_unknown_key_or_a_section_that_is_no_mapping_is_a_one_line_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_preset("mine", _preset(tmp_path, text))
+    assert "\n" not in str(error.value)
+
+
 def test_interrupted_training_resumes_from_its_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -283,10 +283,10 @@ class Demo:
     # -- stage bodies -------------------------------------------------------------------------------
     def _world(self) -> None:
         # the generator writes into a temporary folder and renames it: an interrupted one starts afresh
-        p = self.preset
-        argv = ["--out", str(self.world), "--seed", str(p.seed), "--size", str(p.world_size),
-                "--image-size", str(p.image_size), "--eval-size", str(p.eval_size),
-                "--instruct-size", str(p.instruct_size)]
+        w = self.preset.world
+        argv = ["--out", str(self.world), "--seed", str(self.preset.seed), "--size", str(w.size),
+                "--image-size", str(w.image_size), "--eval-size", str(w.eval_size),
+                "--instruct-size", str(w.instruct_size)]
         check(shapesworld.cli(argv), "dvd data shapesworld")
 
     def clip_config(self, name: str) -> dict[str, Any]:
@@ -319,11 +319,11 @@ class Demo:
 
     def _clip_eval_fn(self, task: str, name: str) -> Callable[[], None]:
         """``dvd eval zeroshot | retrieval`` of one CLIP, the same attack for every model."""
-        p = self.preset
+        p, z = self.preset, self.preset.zeroshot
         module, steps, limit, extra = {
-            "zeroshot": (zeroshot, p.zeroshot_steps, p.zeroshot_limit,
-                         ["--attack", p.zeroshot_attack, "--escalation-queries", str(p.escalation_queries)]),
-            "retrieval": (retrieval, p.retrieval_steps, p.retrieval_limit, ["--split", "test"]),
+            "zeroshot": (zeroshot, z.steps, z.limit,
+                         ["--attack", z.attack, "--escalation-queries", str(z.escalation_queries)]),
+            "retrieval": (retrieval, p.retrieval.steps, p.retrieval.limit, ["--split", "test"]),
         }[task]
 
         def run() -> None:
@@ -366,16 +366,16 @@ class Demo:
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
                 "--no-progress"]
         if task in ("caption", "vqa"):
-            argv += ["--eps", ",".join(p.vlm_eps or p.eps), "--steps", str(p.vlm_eval_steps),
-                     "--limit", str(p.vlm_eval_limit),
-                     "--references", str(p.vlm_references)]
+            argv += ["--eps", ",".join(p.vlm_eval.eps or p.eps), "--steps", str(p.vlm_eval.steps),
+                     "--limit", str(p.vlm_eval.limit),
+                     "--references", str(p.vlm_eval.references)]
         elif task == "pope":
-            argv += ["--limit", str(p.vlm_eval_limit)]
+            argv += ["--limit", str(p.vlm_eval.limit)]
         elif task == "scienceqa":
-            argv += ["--attack", "apgd", "--eps", ",".join(p.vlm_eps or p.eps),
-                     "--steps", str(p.scienceqa_steps), "--limit", str(p.scienceqa_limit)]
+            argv += ["--attack", "apgd", "--eps", ",".join(p.vlm_eval.eps or p.eps),
+                     "--steps", str(p.scienceqa.steps), "--limit", str(p.scienceqa.limit)]
         elif task == "targeted":
-            argv += ["--eps", "4/255", "--steps", str(p.targeted_steps), "--limit", str(p.targeted_limit),
+            argv += ["--eps", "4/255", "--steps", str(p.targeted.steps), "--limit", str(p.targeted.limit),
                      "--target", TARGET_CAPTION]
         return argv
 

@@ -27,8 +27,8 @@ def example_grid(
     inputs: ReportInputs, path: Path, *, count: int = 4, steps: int = 100, eps: float = HEADLINE_EPS
 ) -> Path:
     """Clean test images and each CLIP's worst case at ``eps``, with its zero-shot reading of all tasks."""
-    world = inputs.world
-    models = [m for m in ("clean-clip", "delta-clip", "tecoa", "fare") if inputs.final(m).is_dir()]
+    world = inputs.layout.world
+    models = [m for m in ("clean-clip", "delta-clip", "tecoa", "fare") if inputs.layout.final(m).is_dir()]
     if not models:
         raise FileNotFoundError("no trained CLIP in the demo folder")
     scenes = [s for s in read_json(world / "images" / "scenes.json") if s["split"] == "test"]
@@ -38,7 +38,7 @@ def example_grid(
     truth = [[_truth(s, t) for t in tasks] for s in picked]
     readings: dict[str, tuple[torch.Tensor, list[list[str]], list[list[str]]]] = {}
     for name in models:
-        clip = load_clip(inputs.final(name)).eval()
+        clip = load_clip(inputs.layout.final(name)).eval()
         heads = []
         for task in tasks:
             data = load_zeroshot(world / "zeroshot" / task, transform=None)
@@ -79,8 +79,8 @@ def vlm_example_grid(
     inputs: ReportInputs, path: Path, *, count: int = 4, steps: int = 100, eps: float = HEADLINE_EPS
 ) -> Path:
     """Clean test images and each VLM's worst case at ``eps``, with the captions each model writes."""
-    world = inputs.world
-    names = [m for m in VLM_MODELS if (inputs.final(f"{m}-stage2") / "dvd_vlm.json").is_file()]
+    world = inputs.layout.world
+    names = [m for m in VLM_MODELS if (inputs.layout.final(f"{m}-stage2") / "dvd_vlm.json").is_file()]
     if not names:
         raise FileNotFoundError("no trained VLM in the demo folder")
     scenes = [s for s in read_json(world / "images" / "scenes.json") if s["split"] == "test"]
@@ -93,7 +93,7 @@ def vlm_example_grid(
     )
     captions: dict[str, tuple[Any, list[str], list[str]]] = {}
     for name in names:
-        model = load_vlm(inputs.final(f"{name}-stage2"), device="cpu").eval()
+        model = load_vlm(inputs.layout.final(f"{name}-stage2"), device="cpu").eval()
         with torch.no_grad():
             clean = model.generate(images, prompt, max_new_tokens=20)
         generator = torch.Generator().manual_seed(inputs.preset.seed)

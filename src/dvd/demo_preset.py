@@ -44,16 +44,53 @@ VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands'
 
 
 @dataclass(frozen=True)
+class WorldSize:
+    """The ShapesWorld the demo generates (``dvd data shapesworld`` flags)."""
+
+    size: int = 10000  # pre-training pairs
+    image_size: int = 32
+    eval_size: int = 200  # held-out images (COCO / VQA / POPE), and zero-shot test images per task
+    instruct_size: int = 1000  # LLaVA training images
+
+
+@dataclass(frozen=True)
+class ZeroShotBudget:
+    """The zero-shot evaluation (``dvd eval zeroshot``): its attack and images per task."""
+
+    attack: str = "apgd-ce"
+    steps: int = 100
+    limit: int = 100
+    # Square Attack queries when a gradient-masking check fires (--escalation-queries; 5000 is AutoAttack
+    # standard's budget)
+    escalation_queries: int = 5000
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An evaluation's size and attack: ``limit`` samples, attacked with ``steps`` steps."""
+
+    limit: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class VlmEvalBudget:
+    """The caption / VQA / POPE evaluations of the VLMs."""
+
+    limit: int = 20
+    eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
+    references: int = 5  # reference captions / answers each caption / VQA attack is run against
+    steps: int = 20
+
+
+@dataclass(frozen=True)
 class DemoPreset:
-    """Everything the demo's stages take; ``quick`` is calibrated to show the paper's effect in minutes."""
+    """Everything the demo's stages take; ``quick`` is calibrated to show the paper's effect in minutes.
+    The evaluation and world settings are grouped by the stage that reads them (one section each)."""
 
     name: str
     seed: int = 0
-    # ShapesWorld
-    world_size: int = 10000
-    image_size: int = 32
-    eval_size: int = 200
-    instruct_size: int = 1000
+    world: WorldSize = field(default_factory=WorldSize)
     # CLIP training: settings shared by the four recipes, then per recipe (dvd train clip keys)
     clip_common: dict[str, Any] = field(default_factory=dict)
     # an open_clip model config of the demo's own (written to OUT/configs/<clip_model_name>.json), or None
@@ -63,25 +100,16 @@ class DemoPreset:
     clip_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # evaluation: the same attack for every model
     eps: tuple[str, ...] = ("2/255", "4/255")
-    zeroshot_attack: str = "apgd-ce"
-    zeroshot_steps: int = 100
-    zeroshot_limit: int = 100
-    # Square Attack queries when a gradient-masking check fires (dvd eval zeroshot --escalation-queries;
-    # 5000 is AutoAttack standard's budget)
-    escalation_queries: int = 5000
-    retrieval_steps: int = 100
-    retrieval_limit: int = 100
-    # VLM (dvd train vlm keys), per stage; evaluation sizes
+    zeroshot: ZeroShotBudget = field(default_factory=ZeroShotBudget)
+    retrieval: Budget = field(default_factory=lambda: Budget(limit=100, steps=100))
+    # VLM (dvd train vlm keys), per stage; then the evaluations
     vlm_common: dict[str, Any] = field(default_factory=dict)
     vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    vlm_eval_limit: int = 20
-    vlm_eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
-    vlm_references: int = 5  # reference captions / answers each caption / VQA attack is run against
-    vlm_eval_steps: int = 20
-    targeted_limit: int = 5
-    targeted_steps: int = 100
-    scienceqa_limit: int = 50  # ScienceQA questions (image and text-only, each), clean and attacked
-    scienceqa_steps: int = 20  # APGD steps of the ScienceQA attack (at ``vlm_eps``); MME: the world's set
+    vlm_eval: VlmEvalBudget = field(default_factory=VlmEvalBudget)
+    targeted: Budget = field(default_factory=lambda: Budget(limit=5, steps=100))
+    # ScienceQA: questions (image and text-only, each), clean and attacked, and APGD steps (at the
+    # ``vlm_eval.eps``); MME: the world's set
+    scienceqa: Budget = field(default_factory=lambda: Budget(limit=50, steps=20))
     example_steps: int = 100  # APGD steps of the report's example grid
 
     def fingerprint(self) -> dict[str, Any]:
@@ -95,22 +123,39 @@ def preset_names(directory: Path = PRESET_DIR) -> list[str]:
 
 
 def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
-    """The preset ``directory/NAME.yaml``; unknown keys and names are one-line errors."""
+    """The preset ``directory/NAME.yaml``; unknown keys (at the top or in a section) and names are
+    one-line errors; a section's missing keys keep :class:`DemoPreset`'s defaults."""
     path = directory / f"{name}.yaml"
     if not path.is_file():
         if not directory.is_dir():
             raise FileNotFoundError(f"no demo presets in {directory}; run dvd demo from a dvd checkout")
         raise ConfigError(f"unknown preset {name!r}{suggest(name, preset_names(directory))}")
-    values = yaml.safe_load(path.read_text()) or {}
-    hints = typing.get_type_hints(DemoPreset)
-    known = {f.name for f in dataclasses.fields(DemoPreset)} - {"name"}
+    values = _checked(yaml.safe_load(path.read_text()) or {}, DemoPreset, "", path)
+    defaults = DemoPreset(name=name)
+    for key, value in values.items():
+        section = getattr(defaults, key)
+        if dataclasses.is_dataclass(section):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} in {path} must be a mapping of {_keys(section)}, got {value!r}")
+            values[key] = dataclasses.replace(section, **_checked(value, type(section), f"{key}.", path))
+    return dataclasses.replace(defaults, **values)
+
+
+def _keys(section: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(section))
+
+
+def _checked(values: dict[str, Any], cls: type, prefix: str, path: Path) -> dict[str, Any]:
+    """``values`` for the fields of ``cls``, YAML lists made the tuples it holds; an unknown key (named
+    ``prefix`` + key) is a one-line error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must be a mapping of preset keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - {"name"}
     for key in values:
         if key not in known:
-            raise ConfigError(f"unknown key {key!r} in {path}{suggest(key, known)}")
-    for key, value in values.items():  # YAML lists -> the tuples the dataclass holds
-        if isinstance(value, list) and "tuple" in str(hints[key]):
-            values[key] = tuple(value)
-    return DemoPreset(name=name, **values)
+            raise ConfigError(f"unknown key {prefix + str(key)!r} in {path}{suggest(str(key), known)}")
+    return {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -142,14 +187,3 @@ class ReportInputs:
     device: str
     include_vlm: bool
     lanes: list[list[str]]  # the clean and the Δ chains of stages (``dvd demo --jobs 2``)
-
-    @property
-    def out(self) -> Path:
-        return self.layout.out
-
-    @property
-    def world(self) -> Path:
-        return self.layout.world
-
-    def final(self, name: str) -> Path:
-        return self.layout.final(name)

@@ -41,7 +41,7 @@ CLIP_LABELS = {
 
 def write_report(inputs: ReportInputs, results: str | Path) -> Path:
     """Write ``OUT/report.md`` and its PNGs from the demo folder; returns the report's path."""
-    out = inputs.out
+    out = inputs.layout.out
     # the zero-shot ``average`` rows of results.json are recomputed where shown
     rows: list[Row] = [r for r in read_json(results) if r["dataset"] != "average"]
     stages = read_json(out / "stages.json") if (out / "stages.json").is_file() else {}
@@ -90,7 +90,7 @@ def render_markdown(
     add("# Double Visual Defense on ShapesWorld — demo report\n")
     add(
         f"`dvd demo --preset {p.name}` trained {len([m for m in models if m in CLIP_LABELS])} models on "
-        f"ShapesWorld, a procedurally generated image-text world ({p.image_size} px images of coloured "
+        f"ShapesWorld, a procedurally generated image-text world ({p.world.image_size} px images of coloured "
         "shapes with captions), and attacked each of them with the same attacks. Everything below was "
         "measured in this run; the numbers are small-world numbers, not the paper's ImageNet/COCO ones.\n"
     )
@@ -98,31 +98,31 @@ def render_markdown(
     add("## Headline\n")
     add(_headline_text(head))
     if "headline" in plots:
-        add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], inputs.out)})\n")
+        add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], inputs.layout.out)})\n")
     add("## The paper's claims, checked on the small world\n")
     add(_claims_text(rows))
     add("## Zero-shot classification\n")
     add(
-        f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot_limit} "
+        f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot.limit} "
         "test images each, text classifier from class names × templates. Attack: "
-        f"{p.zeroshot_attack.upper()} with {p.zeroshot_steps} steps, L∞ eps {', '.join(p.eps)} (the "
+        f"{p.zeroshot.attack.upper()} with {p.zeroshot.steps} steps, L∞ eps {', '.join(p.eps)} (the "
         "paper's protocol, minus APGD-T); when a gradient-masking check fires, a Square Attack with "
-        f"{p.escalation_queries} queries runs on the survivors and counts. Accuracy in %.\n"
+        f"{p.zeroshot.escalation_queries} queries runs on the survivors and counts. Accuracy in %.\n"
     )
     zeroshot = [r for r in rows if r["task"] == "zeroshot"]
     add(markdown_table(_ordered(average_rows(zeroshot, task="zeroshot") + zeroshot)) + "\n")
     if "zeroshot" in plots:
-        add(f"![zero-shot accuracy vs eps]({_rel(plots['zeroshot'], inputs.out)})\n")
+        add(f"![zero-shot accuracy vs eps]({_rel(plots['zeroshot'], inputs.layout.out)})\n")
     retrieval = [r for r in rows if r["task"] == "retrieval"]
     if retrieval:
         add("## Retrieval\n")
         add(
             f"Image→text and text→image recall on the held-out test images and their captions; the images "
-            f"are attacked (APGD, {p.retrieval_steps} steps). Recall in %.\n"
+            f"are attacked (APGD, {p.retrieval.steps} steps). Recall in %.\n"
         )
         add(markdown_table(_ordered([r for r in retrieval if r["metric"].endswith("recall@1")])) + "\n")
         if "retrieval" in plots:
-            add(f"![retrieval vs eps]({_rel(plots['retrieval'], inputs.out)})\n")
+            add(f"![retrieval vs eps]({_rel(plots['retrieval'], inputs.layout.out)})\n")
     add(_vlm_section(inputs, rows, plots))
     add("## Examples\n")
     if examples is not None:
@@ -134,7 +134,7 @@ def render_markdown(
             "by more than 4/255: enlarged 8x, a faint texture shows on flat backgrounds, and nothing a "
             "person would read differently.\n"
         )
-        add(f"![examples]({_rel(examples, inputs.out)})\n")
+        add(f"![examples]({_rel(examples, inputs.layout.out)})\n")
     else:
         add("No example grid: the models of this demo folder are not all trained yet.\n")
     if vlm_examples is not None:
@@ -142,7 +142,7 @@ def render_markdown(
             "The same test images captioned by each VLM: clean, then each model's own worst case at "
             f"4/255 (APGD on the NLL of the image's reference caption, {p.example_steps} steps).\n"
         )
-        add(f"![VLM examples]({_rel(vlm_examples, inputs.out)})\n")
+        add(f"![VLM examples]({_rel(vlm_examples, inputs.layout.out)})\n")
     add(_setup_text(inputs, stages))
     return "\n".join(lines) + "\n"
 
@@ -193,7 +193,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
                 f"so {', '.join(VLM_MODELS)} were not trained. Nothing in this report is about VLMs.\n"
             )
         else:
-            ledger = inputs.out / "stages.json"
+            ledger = inputs.layout.out / "stages.json"
             stages = read_json(ledger) if ledger.is_file() else {}
             failed = [n for n, i in stages.items() if "llava" in n and i.get("status") == "failed"]
             trained = [
@@ -217,10 +217,10 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
         "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
         "(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps 4/255 on every training batch of both "
-        f"stages). Evaluated on {p.vlm_eval_limit} held-out images / questions, attacks with "
-        f"{p.vlm_eval_steps} steps; targeted attacks on {p.targeted_limit} images with {p.targeted_steps} "
-        f"steps; ScienceQA on {p.scienceqa_limit} image and {p.scienceqa_limit} text-only questions (APGD "
-        f"{p.scienceqa_steps} steps on the correct letter's NLL); MME on every question the world writes.\n"
+        f"stages). Evaluated on {p.vlm_eval.limit} held-out images / questions, attacks with "
+        f"{p.vlm_eval.steps} steps; targeted attacks on {p.targeted.limit} images with {p.targeted.steps} "
+        f"steps; ScienceQA on {p.scienceqa.limit} image and {p.scienceqa.limit} text-only questions (APGD "
+        f"{p.scienceqa.steps} steps on the correct letter's NLL); MME on every question the world writes.\n"
     )
     titles = {
         "caption": "Captioning (CIDEr)",
@@ -240,7 +240,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
             lines.append(f"### {title}\n")
             lines.append(markdown_table(_ordered(sel)) + "\n")
             if task in plots:
-                lines.append(f"![{task} vs eps]({_rel(plots[task], inputs.out)})\n")
+                lines.append(f"![{task} vs eps]({_rel(plots[task], inputs.layout.out)})\n")
             if task == "pope":
                 lines.extend(_pope_notes(rows))
             if task == "scienceqa":
@@ -338,12 +338,12 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
     p = inputs.preset
     lines = ["## Set-up\n"]
     lines.append(
-        f"- Preset `{p.name}`, seed {p.seed}, device `{inputs.device}`. ShapesWorld: {p.world_size} "
-        f"pre-training pairs, {p.image_size} px, {p.eval_size} test images per zero-shot task, "
-        f"{p.instruct_size} instruction images."
+        f"- Preset `{p.name}`, seed {p.seed}, device `{inputs.device}`. ShapesWorld: {p.world.size} "
+        f"pre-training pairs, {p.world.image_size} px, {p.world.eval_size} test images per zero-shot task, "
+        f"{p.world.instruct_size} instruction images."
     )
     common = p.clip_common
-    desc = f"`{common.get('model')}` ({p.image_size} px)"
+    desc = f"`{common.get('model')}` ({p.world.image_size} px)"
     if p.clip_model_config is not None:
         v, t = p.clip_model_config["vision_cfg"], p.clip_model_config["text_cfg"]
         desc = (
@@ -368,10 +368,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(f"  - {name}: " + ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg))
     lines.append(
-        f"- Attacks at evaluation: zero-shot {p.zeroshot_attack.upper()} {p.zeroshot_steps} steps on "
-        f"{p.zeroshot_limit} images per task (Square {p.escalation_queries} queries where a masking check "
-        f"fires); retrieval APGD {p.retrieval_steps} steps on "
-        f"{p.retrieval_limit} images; "
+        f"- Attacks at evaluation: zero-shot {p.zeroshot.attack.upper()} {p.zeroshot.steps} steps on "
+        f"{p.zeroshot.limit} images per task (Square {p.zeroshot.escalation_queries} queries where a masking "
+        f"check fires); retrieval APGD {p.retrieval.steps} steps on {p.retrieval.limit} images; "
         f"L∞ eps {', '.join(p.eps)}, images in [0, 1] (normalisation inside the model)."
     )
     lines.append(
@@ -421,8 +420,8 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         + ".\n"
     )
     lines.append(
-        f"Reproduce: `dvd demo --out {inputs.out} --preset {p.name}` (a re-run reuses finished stages). "
-        f"All result rows: `results.json`; stage configs: `configs/`.\n"
+        f"Reproduce: `dvd demo --out {inputs.layout.out} --preset {p.name}` (a re-run reuses finished "
+        f"stages). All result rows: `results.json`; stage configs: `configs/`.\n"
     )
     return "\n".join(lines)
 
