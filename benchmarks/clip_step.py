@@ -59,7 +59,7 @@ def make_loss(clip, step, steps: int) -> ContrastiveLoss:
     return ContrastiveLoss(
         model=step, clip=clip, env=DistEnv(), phases=phases, resolution=Resolution(clip, phases),
         attack=attack, clean_loss_weight=0.0, local_loss=True, gather_with_grad=True,
-    )  # fmt: skip
+    )
 
 
 def clean_step(step, loss, optimizer, images, tokens) -> None:

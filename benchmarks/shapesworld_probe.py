@@ -126,7 +126,7 @@ def main() -> None:
         accuracy = supervised(args.supervised_model, attribute, args.supervised_steps, train, test, args.seed)
         report["supervised"][attribute] = accuracy
         print(f"supervised {args.supervised_model} on {attribute}, {args.supervised_steps} steps: "
-              f"{100 * accuracy:.0f}% ({time.perf_counter() - tick:.0f} s)")  # fmt: skip
+              f"{100 * accuracy:.0f}% ({time.perf_counter() - tick:.0f} s)")
     print(json.dumps(report))
 
 

@@ -48,7 +48,7 @@ def build(batch_size: int, device: torch.device, world: Path):
     torch.manual_seed(0)
     source = resolve_source(str(world), "auto", None, 2)
     vlm = create_vlm("dvd-tiny-vit", dict(TINY_LLAMA), tokenizer=shapesworld_tokenizer(world),
-                     template="vicuna_v1_short").to(device).train()  # fmt: skip
+                     template="vicuna_v1_short").to(device).train()
     collator = vlm.collator()
     data = build_conversations(source, image_size=vlm.image_size, collator=collator, caption_prompt="")
     images, batch = collator([data[i] for i in range(batch_size)])
@@ -59,7 +59,7 @@ def make_loss(vlm, steps: int, env: DistEnv) -> InstructionLoss:
     attack = None
     if steps:
         attack = AttackSettings(eps=EPS, step_size=STEP_SIZE, random_start=True, warmup_steps=0,
-                                train_mode=True, seed=0)  # fmt: skip
+                                train_mode=True, seed=0)
     return InstructionLoss(model=InstructionStep(vlm), vlm=vlm, env=env, attack=attack, attack_steps=steps)
 
 
@@ -130,7 +130,7 @@ def setup(args: argparse.Namespace):
 def cpu_peak_in_child(args: argparse.Namespace, name: str) -> int:
     """Peak of one variant in a fresh process (the RSS of this one keeps every earlier high-water mark)."""
     command = [sys.executable, __file__, "--memory-of", name, "--batch-size", str(args.batch_size),
-               "--warmup", str(args.warmup), "--device", "cpu"]  # fmt: skip
+               "--warmup", str(args.warmup), "--device", "cpu"]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -183,7 +183,7 @@ def main() -> None:
         device=str(device), precision=precision, batch_size=args.batch_size,
         sequence_length=batch.input_ids.shape[1], image_tokens=vlm.num_image_tokens,
         threads=torch.get_num_threads(), repeats=args.repeats, torch=torch.__version__,
-    )  # fmt: skip
+    )
     print(json.dumps(result))
 
 

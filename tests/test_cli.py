@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
-from dvd.cli import main
+from dvd.cli import COMMANDS, main
 
 
-def test_help_lists_every_installed_command(capsys):
+def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: dvd")
     listed = [line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("  ")]
+    assert listed == [" ".join(words) for words in COMMANDS]
     for command in ("demo", "data shapesworld", "train clip", "train vlm", "eval zeroshot", "eval retrieval",
-                    "eval caption", "eval vqa", "eval pope", "eval targeted"):
+                    "eval caption", "eval vqa", "eval pope", "eval targeted", "eval scienceqa", "eval mme",
+                    "attack"):
         assert command in listed, command
+
+
+def test_every_listed_command_has_a_module_with_a_cli():
+    for module, _ in COMMANDS.values():
+        assert callable(importlib.import_module(module).cli), module
 
 
 def test_a_command_group_lists_its_commands(capsys):

@@ -27,7 +27,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def zeroshot(model: str, photos: Path, out: Path, *extra: str) -> int:
     return main(["eval", "zeroshot", "--model", model, "--dataset", str(photos), "--attack", "none",
-                 "--out", str(out), "--no-progress", *extra])  # fmt: skip
+                 "--out", str(out), "--no-progress", *extra])
 
 
 def test_two_models_into_one_out_keep_a_row_each_named_after_the_model(runs, photos, tmp_path) -> None:
@@ -37,7 +37,7 @@ def test_two_models_into_one_out_keep_a_row_each_named_after_the_model(runs, pho
     rows = read_rows(out)
     assert [r.model for r in rows] == ["delta-clip", "clean-clip"]
     assert [Path(r.checkpoint) for r in rows] == [(runs / "models" / n / "final").resolve() for n in
-                                                  ("delta-clip", "clean-clip")]  # fmt: skip
+                                                  ("delta-clip", "clean-clip")]
 
 
 def test_a_checkpoint_without_a_recorded_run_is_named_by_its_meaningful_folder(tmp_path) -> None:

@@ -33,7 +33,7 @@ def photos(tmp_path: Path) -> Path:
 def test_zeroshot_rows_count_the_unreadable_images_of_an_image_folder(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(photos), "--eps", "2/255",
-            "--steps", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--steps", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     assert [(r.n, r.skipped) for r in read_rows(out)] == [(4, 1)]
 
@@ -53,7 +53,7 @@ def test_zeroshot_rows_count_what_a_shard_stream_dropped(photos: Path, tmp_path:
                 tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "r.json"
     args = ["eval", "zeroshot", "--model", "dvd-tiny-vit", "--dataset", str(root), "--attack", "none",
-            "--workers", workers, "--out", str(out), "--no-progress"]  # fmt: skip
+            "--workers", workers, "--out", str(out), "--no-progress"]
     assert main(args) == 0
     assert [(r.n, r.skipped) for r in read_rows(out)] == [(4, 1)]
 
@@ -75,7 +75,7 @@ def test_retrieval_rows_count_the_unreadable_images(tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
     out = tmp_path / "r.json"
     args = ["eval", "retrieval", "--model", "dvd-tiny-vit", "--dataset", str(tmp_path / "c.json"),
-            "--image-root", str(images), "--attack", "none", "--ks", "1", "--out", str(out)]  # fmt: skip
+            "--image-root", str(images), "--attack", "none", "--ks", "1", "--out", str(out)]
     assert main(args) == 0
     assert {(r.n, r.skipped) for r in read_rows(out)} == {(2, 1)}
 
@@ -86,7 +86,7 @@ def test_vlm_rows_count_the_unreadable_images(shapesworld: Path, tiny_vlm: Path,
     (broken / "images" / "test" / "000000000001.png").write_bytes(b"not an image")  # the first questions'
     out = tmp_path / "r.json"
     args = ["eval", "vqa", "--model", str(tiny_vlm), "--data", str(broken), "--attack", "none",
-            "--out", str(out), *FAST, "--limit", "8"]  # fmt: skip
+            "--out", str(out), *FAST, "--limit", "8"]
     assert main(args) == 0
     (row,) = read_rows(out)
     assert row.skipped == 4 and row.n == 4  # image 1 is asked about in questions 1000-1003

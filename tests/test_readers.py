@@ -188,7 +188,7 @@ def test_brace_lists_double_colon_joins_and_pipe_urls_like_open_clip(tmp_path):
     joined = f"{tmp_path}/shard-{{0..1}}.tar::{tmp_path}/shard-2.tar"
     assert sorted(c for _, c in image_text_shards(joined, transform=T16)) == [
         "000000", "000001", "001000", "001001", "002000", "002001",
-    ]  # fmt: skip
+    ]
     piped = image_text_shards(f"pipe:cat {tmp_path}/shard-1.tar", transform=T16)
     assert [c for _, c in piped] == ["001000", "001001"]
     listed = image_text_shards([f"{tmp_path}/shard-2.tar", f"{tmp_path}/shard-0.tar"], transform=T16)
@@ -401,7 +401,7 @@ def coco_files(root: Path) -> tuple[Path, Path]:
              "split": split, "sentences": [{"raw": f"karpathy {i}", "tokens": ["karpathy"]}]}
             for i, split in ((1, "test"), (2, "restval"), (3, "train"))
         ],
-    }  # fmt: skip
+    }
     (root / "captions.json").write_text(json.dumps(annotations))
     (root / "dataset_coco.json").write_text(json.dumps(karpathy))
     return root / "captions.json", root / "dataset_coco.json"
@@ -514,7 +514,7 @@ def test_llava_conversations_keep_turns_and_text_only_entries(tmp_path):
             {"from": "human", "value": "<image>\nWhat is the colour?"}, {"from": "gpt", "value": "Blue."}]},
         {"id": "sharegpt-1", "conversations": [
             {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-    ]  # fmt: skip
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(entries))
     ds = LlavaInstruct(tmp_path / "llava.json", tmp_path, transform=T16)
     assert len(ds) == 2
@@ -527,7 +527,7 @@ def test_map_style_reader_skips_a_corrupt_or_missing_image_and_reports_the_pass(
     png_file(tmp_path / "a.png")
     png_file(tmp_path / "b.png", data=truncated_png())
     rows = [{"question_id": i, "image": name, "text": "Is there a dog?", "label": "yes"}
-            for i, name in enumerate(["a.png", "b.png", "gone.png", "a.png"])]  # fmt: skip
+            for i, name in enumerate(["a.png", "b.png", "gone.png", "a.png"])]
     (tmp_path / "pope.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = Pope(tmp_path / "pope.jsonl", tmp_path, transform=T16)
     with caplog.at_level(logging.WARNING):

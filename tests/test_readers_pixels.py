@@ -39,7 +39,7 @@ def test_a_16_bit_png_in_a_shard_reads_like_its_8_bit_twin(tmp_path: Path) -> No
 
     eight = (RAMP / 257).round().astype(np.uint8)
     shard = write_shard(tmp_path / "s.tar", [("a", {"png": png(RAMP), "txt": b"16"}),
-                                             ("b", {"png": png(eight), "txt": b"8"})])  # fmt: skip
+                                             ("b", {"png": png(eight), "txt": b"8"})])
     (sixteen, _), (twin, _) = list(image_text_shards(str(shard), transform=None))
     assert float((sixteen - twin).abs().max()) <= 1 / 255 + 1e-6
 

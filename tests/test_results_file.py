@@ -26,7 +26,7 @@ def row(**changes) -> ResultRow:
     base = ResultRow(
         model="tiny", task="zeroshot", dataset="photos", metric="accuracy", attack="apgd-ce", eps=4 / 255,
         steps=100, clean=0.5, adversarial=0.25, n=8, seconds=1.5, seed=0, flags=[], versions={"torch": "2"},
-    )  # fmt: skip
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -83,7 +83,7 @@ def test_unusable_out_paths_are_one_line_errors(tmp_path: Path, make, message) -
 def test_a_bad_out_is_refused_before_the_model_is_even_loaded(tmp_path: Path, capsys) -> None:
     (tmp_path / "f").write_text("x")
     code = main(["eval", "zeroshot", "--model", "no-such-model-name", "--dataset", str(tmp_path),
-                 "--out", str(tmp_path / "f" / "r.json")])  # fmt: skip
+                 "--out", str(tmp_path / "f" / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is a file, not a directory" in err
 

@@ -46,7 +46,7 @@ def test_recall_at_k_on_a_hand_checked_similarity_matrix() -> None:
             "image_to_text_recall@2": 1 / 3, "text_to_image_recall@2": 2 / 4,
             "image_to_text_recall@3": 1.0, "text_to_image_recall@3": 1.0,
         }
-    )  # fmt: skip
+    )
 
 
 def test_captions_equal_to_class_names_tie_and_ties_count_against_the_model() -> None:
@@ -62,7 +62,7 @@ def test_captions_equal_to_class_names_tie_and_ties_count_against_the_model() ->
             "image_to_text_recall@1": 0.5, "text_to_image_recall@1": 0.5,
             "image_to_text_recall@2": 1.0, "text_to_image_recall@2": 1.0,
         }
-    )  # fmt: skip
+    )
     # a collapsed model (all scores equal) retrieves nothing at k < number of candidates
     flat = torch.zeros(4, 4)
     assert recall_at_k(flat, text_to_image, ks=(1, 3)) == pytest.approx(
@@ -70,7 +70,7 @@ def test_captions_equal_to_class_names_tie_and_ties_count_against_the_model() ->
             "image_to_text_recall@1": 0.0, "text_to_image_recall@1": 0.0,
             "image_to_text_recall@3": 0.0, "text_to_image_recall@3": 0.0,
         }
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_a_shard_path_reads_the_captions_one_per_line(wds: Path) -> None:
 def test_wds_names_resolve_under_dataset_root_in_the_command(wds: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     args = ["eval", "retrieval", "--model", "dvd-tiny-vit", "--dataset", "wds/squares", "--dataset-root",
-            str(wds.parent), "--attack", "none", "--ks", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+            str(wds.parent), "--attack", "none", "--ks", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     rows = read_rows(out)
     assert {(r.dataset, r.n) for r in rows} == {("squares", 2), ("squares", 5)}  # 2 images, 5 captions

@@ -152,7 +152,7 @@ def test_flickr30k_karpathy_json_reads_as_captions(tmp_path):
                            {"raw": "Two men.", "tokens": []}]},
             {"filename": "x.jpg", "imgid": 1, "split": "train", "sentids": [2], "sentences": [{"raw": "x"}]},
         ],
-    }  # fmt: skip
+    }
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(doc))
     karpathy = tmp_path / "dataset_flickr30k.json"
     data = CocoCaptions(None, tmp_path, transform=None, karpathy_json=karpathy, split="test")
@@ -163,7 +163,7 @@ def test_textvqa_json_reads_as_vqa_items(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "abc.jpg")
     doc = {"dataset_name": "textvqa", "data": [
         {"question_id": 34602, "question": "what is the brand?", "image_id": "abc", "answers": ["nokia"] * 10,
-         "set_name": "val"}]}  # fmt: skip
+         "set_name": "val"}]}
     (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(doc))
     item = TextVQA(tmp_path / "TextVQA_0.5.1_val.json", tmp_path, transform=image_transform(IMAGE_SIZE))[0]
     assert (item["question_id"], item["answers"][0], item["image"].shape) == (34602, "nokia", (3, 32, 32))

@@ -27,7 +27,7 @@ def test_dev(shapesworld: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def vqa(checkpoint: Path, questions: Path, images: Path, *extra: str) -> int:
     return main(["eval", "vqa", "--model", str(checkpoint), "--questions", str(questions), "--images",
-                 str(images), *FAST, *extra])  # fmt: skip
+                 str(images), *FAST, *extra])
 
 
 def test_questions_without_answers_give_clean_answers_in_the_submission_format(

@@ -95,7 +95,7 @@ def test_presets_hold_the_published_dataset_lists_and_settings() -> None:
     assert robustvlm.datasets == (
         "vtab/cifar10", "stl10", "vtab/cifar100", "cars", "vtab/caltech101", "vtab/pets", "vtab/flowers",
         "vtab/dtd", "vtab/eurosat", "fgvc_aircraft", "vtab/pcam", "imagenet-r", "imagenet_sketch",
-    )  # fmt: skip
+    )
     assert robustvlm.separate == (("imagenet1k", 5000),)
     assert robustvlm.eps == (2 / 255, 4 / 255) and paper.eps == (4 / 255,)
     assert len(paper.datasets) == len(set(paper.datasets)) == 38

@@ -22,7 +22,7 @@ def row(**changes) -> ResultRow:
     base = ResultRow(
         model="tiny", task="zeroshot", dataset="photos", metric="accuracy", attack="apgd-ce", eps=4 / 255,
         steps=100, clean=0.5, adversarial=0.25, n=8, seconds=1.5, seed=0, flags=[], versions={"torch": "2"},
-    )  # fmt: skip
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -32,7 +32,7 @@ def test_rows_have_exactly_the_design_keys_in_order() -> None:
         "model", "task", "dataset", "metric", "attack", "eps", "steps",
         "clean", "adversarial", "n", "seconds", "seed", "flags", "versions", "skipped", "checkpoint",
         "protocol", "template",
-    )  # fmt: skip
+    )
 
 
 def test_write_rows_merges_by_key_and_replaces_reruns(tmp_path) -> None:
@@ -42,7 +42,7 @@ def test_write_rows_merges_by_key_and_replaces_reruns(tmp_path) -> None:
     merged = write_rows(path, [row(adversarial=0.125)])  # a rerun of the first row replaces it in place
     assert [(r.model, r.eps, r.adversarial) for r in merged] == [
         ("tiny", 4 / 255, 0.125), ("tiny", 2 / 255, 0.25), ("other", 4 / 255, 0.25)
-    ]  # fmt: skip
+    ]
     assert read_rows(path) == merged
     assert json.loads(path.read_text())[0] == row(adversarial=0.125).to_dict()
     # no temp files left behind; the (empty) lock file of the read-merge-replace stays
@@ -67,7 +67,7 @@ def test_format_table_shows_budgets_on_the_255_grid_and_percentages() -> None:
     header = ["model", "dataset", "metric", "attack", "eps", "steps", "clean", "adversarial", "n", "flags"]
     assert lines[0].split() == header
     assert lines[2].split() == ["tiny", "photos", "accuracy", "apgd-ce", "4/255", "100", "50.0", "25.0", "8",
-                                "saturated_softmax"]  # fmt: skip
+                                "saturated_softmax"]
     assert lines[3].split()[4:8] == ["0", "100", "50.0", "-"]
 
 

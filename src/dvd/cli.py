@@ -7,7 +7,6 @@ This file only dispatches; every job parses its own arguments in ``cli(argv)`` s
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -31,15 +30,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _available() -> dict[tuple[str, ...], tuple[str, str]]:
-    """The commands whose module is installed (the toolkit grows one job at a time)."""
-    found = {}
-    for words, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[words] = (module, help_text)
-    return found
-
-
 def usage(commands: dict[tuple[str, ...], tuple[str, str]]) -> str:
     lines = ["usage: dvd <command> [options]   (dvd <command> --help for its options)", "", "commands:"]
     for words, (_, help_text) in commands.items():
@@ -50,7 +40,7 @@ def usage(commands: dict[tuple[str, ...], tuple[str, str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dvd`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _available()
+    commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(commands))
         return 0

@@ -1,6 +1,6 @@
 """Image preprocessing: open_clip's resize/crop recipes without the mean/std step.
 
-Normalisation lives inside the model wrapper (DESIGN.md), so every transform here ends in
+Normalisation lives inside the model wrapper (dvd.models.clip), so every transform here ends in
 ``ToTensor``: a float tensor in [0, 1] of shape (3, H, W), the pixel space attacks work in.
 """
 

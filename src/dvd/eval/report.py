@@ -1,4 +1,4 @@
-"""Result rows -> markdown tables and PNG plots. Reads nothing but the rows of DESIGN.md."""
+"""Result rows -> markdown tables and PNG plots. Reads nothing but result rows (dvd.eval.results)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def plot_metric_vs_eps(
     fig.tight_layout()
     # the legend sits under the panels, so it never covers the title or a curve
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(models), 6),
-               frameon=False)  # fmt: skip
+               frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -153,12 +153,12 @@ def plot_clean_vs_robust(
     width = 0.38
     bars_clean = ax.bar([x - width / 2 for x in xs], clean, width, label="clean", color="#9db4d0")
     bars_robust = ax.bar([x + width / 2 for x in xs], robust, width, label=f"attacked ({eps_label(eps)})",
-                         color="#c0392b")  # fmt: skip
+                         color="#c0392b")
     for bars in (bars_clean, bars_robust):
         for bar in bars:
             top = (bar.get_x() + bar.get_width() / 2, bar.get_height())
             ax.annotate(f"{bar.get_height():.0f}", top, ha="center", va="bottom", fontsize=8, xytext=(0, 1),
-                        textcoords="offset points")  # fmt: skip
+                        textcoords="offset points")
     ax.set_xticks(list(xs), models)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(clean + robust + [1.0]) * 1.15)

@@ -1,4 +1,4 @@
-"""Result rows (DESIGN.md "Result rows"): one per model x task x dataset x metric x attack x eps.
+"""Result rows: one per model x task x dataset x metric x attack x eps.
 
 Every evaluation writes these and ``report.py`` reads nothing else. Writing merges into the file
 atomically and under a file lock, so evaluations of different models or datasets, run one after the other

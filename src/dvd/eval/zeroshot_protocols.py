@@ -38,7 +38,7 @@ from dvd.eval.zeroshot_eval import evaluate_zeroshot
 VTAB = ("caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
         "diabetic_retinopathy", "dmlab", "dsprites_label_orientation", "dsprites_label_x_position",
         "dsprites_label_y_position", "dtd", "eurosat", "kitti_closest_vehicle_distance", "flowers", "pets",
-        "pcam", "resisc45", "smallnorb_label_azimuth", "smallnorb_label_elevation", "svhn")  # fmt: skip
+        "pcam", "resisc45", "smallnorb_label_azimuth", "smallnorb_label_elevation", "svhn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ PROTOCOLS = {
         name="robustvlm",
         datasets=("vtab/cifar10", "stl10", "vtab/cifar100", "cars", "vtab/caltech101", "vtab/pets",
                   "vtab/flowers", "vtab/dtd", "vtab/eurosat", "fgvc_aircraft", "vtab/pcam", "imagenet-r",
-                  "imagenet_sketch"),  # fmt: skip
+                  "imagenet_sketch"),
         eps=(2 / 255, 4 / 255),
         separate=(("imagenet1k", 5000),),
         native_resolution=("vtab/cifar10", "vtab/cifar100", "stl10"),
@@ -73,7 +73,7 @@ PROTOCOLS = {
         datasets=("imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "imagenet-o",
                   "objectnet", "fer2013", "voc2007", "voc2007_multilabel", "sun397", "cars", "fgvc_aircraft",
                   "mnist", "stl10", "gtsrb", "country211", "renderedsst2",
-                  *(f"vtab/{name}" for name in VTAB)),  # fmt: skip
+                  *(f"vtab/{name}" for name in VTAB)),
         eps=(4 / 255,),
         batch_size=8,
     ),
@@ -244,7 +244,7 @@ def _finished_rows(
         for r in read_rows(out)
         if r.model == model and r.dataset == dataset and r.task == "zeroshot" and r.attack == protocol.attack
         and r.steps == protocol.steps and (limit is None or r.n <= limit)
-    ]  # fmt: skip
+    ]
     by_eps = {eps_text(r.eps): r for r in rows}
     wanted = [eps_text(e) for e in protocol.eps]
     return [by_eps[e] for e in wanted] if all(e in by_eps for e in wanted) else []

@@ -2,7 +2,7 @@
 
 LLaVA-1.5 (``image_aspect_ratio = "pad"``) pastes the image centred on a square filled with the image
 processor's mean colour (each channel ``int(mean * 255)``), then the CLIP processor resizes the shortest
-side (bicubic) and centre-crops to the tower's size. Normalisation stays inside the model (DESIGN.md), so
+side (bicubic) and centre-crops to the tower's size. Normalisation stays inside the model, so
 the attack perturbs exactly the image the tower sees, as RobustVLM does.
 """
 
