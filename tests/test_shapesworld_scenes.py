@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dvd.data.shapesworld_captions import caption, captions, plural, pretrain_caption
+from dvd.data.shapesworld_captions import caption, captions, hard_caption, plural, pretrain_caption
 from dvd.data.shapesworld_formats import png_bytes
 from dvd.data.shapesworld_scenes import (
     NUMBER_WORDS,
@@ -212,6 +212,26 @@ def test_hard_captions_name_each_attribute_with_its_keep_probability_and_the_sha
     bad = dataclasses.replace(spec, hard_caption_keep={"shape": 1.0, "colour": 1.0})
     with pytest.raises(ValueError, match="colour"):
         pretrain_caption(scene, scene_rng(0, 0, 0), bad)
+
+
+def test_a_hard_caption_may_leave_the_shape_out_so_that_another_attribute_alone_matches_it() -> None:
+    spec = dataclasses.replace(SPEC, hard_caption_prob=1.0, hard_caption_keep={"texture": 1.0, "shape": 0.0})
+    for i in range(30):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        assert pretrain_caption(scene, rng, spec) == f"{scene.texture.capitalize()} shapes."
+    one = dataclasses.replace(spec, hard_caption_keep={"count": 1.0, "shape": 0.0})
+    single = next(s for s in (sample_scene(scene_rng(0, 0, i)) for i in range(100)) if s.count == 1)
+    assert _words(hard_caption(single, scene_rng(0, 0, 0), one.hard_caption_keep)) <= {"a", "one", "shape"}
+    half = dataclasses.replace(spec, hard_caption_keep={"texture": 1.0, "shape": 0.5})
+    shapes = 0
+    for i in range(400):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng)
+        words = _words(pretrain_caption(scene, rng, half))
+        assert scene.texture in words
+        shapes += scene.shape in words
+    assert 150 <= shapes <= 250, shapes
 
 
 def test_the_spec_summary_names_hard_caption_settings_only_when_hard_captions_are_on() -> None:

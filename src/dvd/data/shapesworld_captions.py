@@ -142,22 +142,27 @@ HARD_CAPTION_NAMES = ("count", "size", "color", "texture", "shape")
 
 
 def hard_caption(scene: Scene, rng: np.random.Generator, keep: Mapping[str, float]) -> str:
-    """A caption naming attribute ``a`` with probability ``keep[a]``, the shape always: "Two star shapes."
+    """A caption naming attribute ``a`` with probability ``keep[a]``: "Two star shapes.", "Striped shapes."
 
-    One draw per attribute with a probability strictly between 0 and 1 (count, size, color, texture order).
-    The shape word stays singular, as in the zero-shot prompts; without the count it is "star shapes".
+    One draw per attribute with a probability strictly between 0 and 1 (count, size, color, texture, shape
+    order). The shape is named unless ``keep["shape"]`` is below 1 (then "shapes" stands for it, so that
+    some captions are matched by, e.g., the texture alone). The shape word stays singular, as in the
+    zero-shot prompts; without the count it is "star shapes".
     """
     unknown = set(keep) - set(HARD_CAPTION_NAMES)
     if unknown:
         choices = list(HARD_CAPTION_NAMES)
         raise ValueError(f"hard_caption_keep: unknown {sorted(unknown)}; choose from {choices}")
     named = set()
-    for name in HARD_CAPTION_NAMES[:-1]:
-        p = float(keep.get(name, 0.0))
+    for name in HARD_CAPTION_NAMES:
+        p = float(keep.get(name, 1.0 if name == "shape" else 0.0))
         if p >= 1.0 or (p > 0.0 and rng.random() < p):
             named.add(name)
-    count = "count" in named
-    noun = scene.shape if count and scene.count == 1 else f"{scene.shape} shapes"
+    count, shape = "count" in named, scene.shape if "shape" in named else ""
+    if count and scene.count == 1:
+        noun = shape or "shape"
+    else:
+        noun = f"{shape} shapes"
     words = [_number(scene.count, rng) if count else ""]
     words += [getattr(scene, name) if name in named else "" for name in ("size", "color", "texture")]
     return _sentence(_join(*words, noun))

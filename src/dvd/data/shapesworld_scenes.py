@@ -103,8 +103,9 @@ class ShapesWorldSpec:
     # world of earlier releases): the contrastive loss is satisfied by colour unless some captions omit it
     # (benchmarks/shapesworld_learnability.md)
     hard_caption_prob: float = 0.0
-    # how likely a hard caption names each attribute (count, size, color, texture; the shape always): below 1,
-    # some hard captions name the shape with few others, so that matching them needs the shape
+    # how likely a hard caption names each attribute (count, size, color, texture, shape; a missing shape is
+    # 1): below 1, some hard captions name the shape (or, with shape < 1, e.g. the texture) with few others,
+    # so that matching them needs it
     hard_caption_keep: dict[str, float] = field(
         default_factory=lambda: {"count": 1.0, "size": 1.0, "texture": 1.0, "shape": 1.0}
     )
