@@ -287,7 +287,18 @@ class Demo:
         argv = ["--out", str(self.world), "--seed", str(self.preset.seed), "--size", str(w.size),
                 "--image-size", str(w.image_size), "--eval-size", str(w.eval_size),
                 "--instruct-size", str(w.instruct_size)]
+        if w.spec:
+            argv += ["--spec", str(self.world_spec_file())]
         check(shapesworld.cli(argv), "dvd data shapesworld")
+
+    def world_spec_file(self) -> Path:
+        """The preset's ShapesWorldSpec overrides, written where ``dvd data shapesworld --spec`` reads."""
+        path = self.out / "configs" / "world_spec.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spec = json.loads(json.dumps(self.preset.world.spec))  # plain lists and mappings for YAML
+        header = f"# written by dvd demo (preset {self.preset.name}): the world's ShapesWorldSpec overrides\n"
+        path.write_text(header + yaml.safe_dump(spec, sort_keys=False))
+        return path
 
     def clip_config(self, name: str) -> dict[str, Any]:
         """The ``dvd train clip`` config of one of the demo's CLIPs."""

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from dvd.config import ConfigError, suggest
+from dvd.data.shapesworld_spec import spec_from_mapping
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 HIDDEN_PRESETS = ("test",)  # the tests' preset: valid, but not offered on the command line
@@ -51,6 +52,8 @@ class WorldSize:
     image_size: int = 32
     eval_size: int = 200  # held-out images (COCO / VQA / POPE), and zero-shot test images per task
     instruct_size: int = 1000  # LLaVA training images
+    # ShapesWorldSpec overrides (``dvd data shapesworld --spec``; empty: the default world)
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ class DemoPreset:
 
     def fingerprint(self) -> dict[str, Any]:
         """What the stages' outputs depend on (a folder made with other settings is not reused)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
+        out = json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
+        if not self.world.spec:  # the default world: the fingerprint of earlier demo folders, which resume
+            del out["world"]["spec"]
+        return out
 
 
 def preset_names(directory: Path = PRESET_DIR) -> list[str]:
@@ -138,7 +144,9 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} in {path} must be a mapping of {_keys(section)}, got {value!r}")
             values[key] = dataclasses.replace(section, **_checked(value, type(section), f"{key}.", path))
-    return dataclasses.replace(defaults, **values)
+    preset = dataclasses.replace(defaults, **values)
+    spec_from_mapping(preset.world.spec, f"world.spec of {path}")  # a bad override fails now, not mid-demo
+    return preset
 
 
 def _keys(section: Any) -> str:

@@ -57,7 +57,8 @@ from dvd.data.shapesworld_formats import (
     zeroshot_samples,
 )
 from dvd.data.shapesworld_reasoning import write_reasoning_sets
-from dvd.data.shapesworld_scenes import SPEC, Scene
+from dvd.data.shapesworld_scenes import SPEC, Scene, ShapesWorldSpec
+from dvd.data.shapesworld_spec import load_spec
 
 
 def generate(
@@ -69,14 +70,16 @@ def generate(
     eval_size: int = 300,
     instruct_size: int | None = None,
     shard_size: int = 5000,
+    spec: ShapesWorldSpec = SPEC,
 ) -> dict[str, Any]:
     """Write the whole world under ``out`` and return the summary (also written as summary.json).
 
     ``size`` pre-training pairs; ``eval_size`` held-out images (COCO/VQA/POPE) and zero-shot test images
-    per task; ``instruct_size`` LLaVA training images (default ``max(eval_size, size // 10)``).
+    per task; ``instruct_size`` LLaVA training images (default ``max(eval_size, size // 10)``); ``spec``
+    the priors, radii and captions scenes are drawn with (:mod:`dvd.data.shapesworld_spec`).
     """
     settings = WorldSettings(seed=seed, size=size, image_size=image_size, eval_size=eval_size,
-                             instruct_size=instruct_size, shard_size=shard_size)
+                             instruct_size=instruct_size, shard_size=shard_size, spec=spec)
     return write_world(Path(out), settings)
 
 
@@ -98,7 +101,11 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--eval-size", type=int, default=300, help="held-out and per-task test images")
     parser.add_argument("--instruct-size", type=int, default=None, help="LLaVA training images")
     parser.add_argument("--shard-size", type=int, default=5000, help="pairs per pre-training shard")
+    parser.add_argument(
+        "--spec", help="YAML mapping of ShapesWorldSpec overrides (priors, radii, hard captions)"
+    )
     args = parser.parse_args(argv)
+    spec = load_spec(args.spec) if args.spec is not None else SPEC
     start = time.perf_counter()
     summary = generate(
         args.out,
@@ -108,6 +115,7 @@ def cli(argv: list[str]) -> int:
         eval_size=args.eval_size,
         instruct_size=args.instruct_size,
         shard_size=args.shard_size,
+        spec=spec,
     )
     seconds = time.perf_counter() - start
     out = Path(args.out)
@@ -138,7 +146,7 @@ def cli(argv: list[str]) -> int:
 
 @dataclass(frozen=True)
 class WorldSettings:
-    """The sizes and seed of a world (``dvd data shapesworld``'s options)."""
+    """The sizes, seed and spec of a world (``dvd data shapesworld``'s options)."""
 
     seed: int = 0
     size: int = 20000  # pre-training pairs
@@ -146,6 +154,7 @@ class WorldSettings:
     eval_size: int = 300  # held-out images (COCO / VQA / POPE) and zero-shot test images per task
     instruct_size: int | None = None  # LLaVA training images; default max(eval_size, size // 10)
     shard_size: int = 5000
+    spec: ShapesWorldSpec = SPEC  # priors, radii and captions (``--spec`` overrides)
 
     @property
     def n_train(self) -> int:
@@ -177,13 +186,20 @@ class WorldSettings:
 
 
 def _write_images(
-    root: Path, seed: int, stream: int, split: str, first_id: int, n: int, image_size: int
+    root: Path,
+    seed: int,
+    stream: int,
+    split: str,
+    first_id: int,
+    n: int,
+    image_size: int,
+    spec: ShapesWorldSpec,
 ) -> list[tuple[int, str, Scene, list[str]]]:
     """``n`` images with ids from ``first_id``; the i-th depends only on (seed, stream, i)."""
     rows = []
     for index in range(n):
         image_id = first_id + index
-        scene, image, rng = scene_and_image(seed, stream, index, image_size)
+        scene, image, rng = scene_and_image(seed, stream, index, image_size, spec)
         file_name = f"{split}/{image_id:012d}.png"
         path = root / "images" / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,13 +262,13 @@ def _replace_folder(new: Path, root: Path) -> None:
 def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
     """Every file of the world under the fresh folder ``root``; returns the summary."""
     seed, size, image_size, eval_size = settings.seed, settings.size, settings.image_size, settings.eval_size
-    shard_size, n_train = settings.shard_size, settings.n_train
+    shard_size, n_train, spec = settings.shard_size, settings.n_train, settings.spec
     records: dict[str, int] = {}
 
     shards = []
     for k, start in enumerate(range(0, size, shard_size)):
         name = f"shard-{k:06d}.tar"
-        samples = pretrain_samples(seed, start, min(start + shard_size, size), image_size)
+        samples = pretrain_samples(seed, start, min(start + shard_size, size), image_size, spec)
         records[f"pretrain/{name}"] = write_tar(root / "pretrain" / name, samples)
         shards.append(name)
     write_bytes(root / "pretrain" / "shards.txt", "".join(f"{s}\n" for s in shards).encode())
@@ -266,7 +282,7 @@ def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
         )
         write_bytes(task_dir / "test" / "nshards.txt", b"1\n")
         records[f"zeroshot/{task}/test/0.tar"] = write_tar(
-            task_dir / "test" / "0.tar", zeroshot_samples(seed, task_index, task, eval_size, image_size)
+            task_dir / "test" / "0.tar", zeroshot_samples(seed, task_index, task, eval_size, image_size, spec)
         )
         zeroshot[task] = {
             "classnames": list(classnames),
@@ -275,8 +291,8 @@ def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
             "shards": [f"zeroshot/{task}/test/0.tar"],
         }
 
-    test = _write_images(root, seed, TEST_IMAGES, "test", 1, eval_size, image_size)
-    train = _write_images(root, seed, TRAIN_IMAGES, "train", eval_size + 1, n_train, image_size)
+    test = _write_images(root, seed, TEST_IMAGES, "test", 1, eval_size, image_size, spec)
+    train = _write_images(root, seed, TRAIN_IMAGES, "train", eval_size + 1, n_train, image_size, spec)
     n_val = max(1, eval_size // 5)
     split_rows = [(*row, "train") for row in train] + [
         (*row, "val" if i < n_val else "test") for i, row in enumerate(test)
@@ -289,13 +305,13 @@ def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
     records["images/scenes.json"] = len(scenes)
     records.update(write_captions(root, split_rows, image_size))
     test_scenes = [(image_id, file_name, scene) for image_id, file_name, scene, _ in test]
-    records.update(write_vqa(root, seed, test_scenes))
+    records.update(write_vqa(root, seed, test_scenes, spec))
     records.update(write_reasoning_sets(root, seed, test_scenes))
-    for setting, rows in pope_files(seed, test_scenes).items():
+    for setting, rows in pope_files(seed, test_scenes, spec).items():
         name = f"pope/pope_{setting}.jsonl"
         write_bytes(root / name, b"".join(json_bytes(row) for row in rows))
         records[name] = len(rows)
-    stage1, stage2 = llava_sets(seed, train)
+    stage1, stage2 = llava_sets(seed, train, spec)
     for name, rows in (("llava/stage1_captions.json", stage1), ("llava/stage2_instruct.json", stage2)):
         write_bytes(root / name, json_bytes(rows, indent=1))
         records[name] = len(rows)
@@ -309,7 +325,7 @@ def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
         "eval_size": eval_size,
         "instruct_size": n_train,
         "shard_size": shard_size,
-        "spec": SPEC.to_json(),
+        "spec": spec.to_json(),
         "pretrain": {
             "samples": size,
             "shards": [f"pretrain/{s}" for s in shards],

@@ -192,26 +192,26 @@ def brace_pattern(names: list[str]) -> str:
 
 
 def scene_and_image(
-    seed: int, stream: int, index: int, image_size: int, **fixed: Any
+    seed: int, stream: int, index: int, image_size: int, spec: ShapesWorldSpec = SPEC, **fixed: Any
 ) -> tuple[Scene, np.ndarray, np.random.Generator]:
     rng = scene_rng(seed, stream, index)
-    scene = sample_scene(rng, **fixed)
-    return scene, render_array(scene, image_size, rng), rng
+    scene = sample_scene(rng, spec, **fixed)
+    return scene, render_array(scene, image_size, rng, spec), rng
 
 
 def pretrain_samples(
-    seed: int, start: int, stop: int, image_size: int
+    seed: int, start: int, stop: int, image_size: int, spec: ShapesWorldSpec = SPEC
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     for i in range(start, stop):
-        scene, image, rng = scene_and_image(seed, PRETRAIN, i, image_size)
-        text = pretrain_caption(scene, rng)
+        scene, image, rng = scene_and_image(seed, PRETRAIN, i, image_size, spec)
+        text = pretrain_caption(scene, rng, spec)
         key = f"{i:08d}"
         meta = {**scene.to_json(), "caption": text, "key": key, "width": image_size, "height": image_size}
         yield key, {"png": png_bytes(image), "txt": text.encode(), "json": json_bytes(meta)}
 
 
 def zeroshot_samples(
-    seed: int, task_index: int, task: str, n: int, image_size: int
+    seed: int, task_index: int, task: str, n: int, image_size: int, spec: ShapesWorldSpec = SPEC
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     attribute, _, values, fixed, _ = ZEROSHOT_TASKS[task]
     for i in range(n):
@@ -221,6 +221,7 @@ def zeroshot_samples(
             ZEROSHOT + task_index,
             i,
             image_size,
+            spec,
             distractor=False,
             **{attribute: values[label]},
             **fixed,
@@ -341,12 +342,14 @@ def annotator_answers(answer: str, confusable: list[str], rng: np.random.Generat
     return answers
 
 
-def write_vqa(root: Path, seed: int, images: list[tuple[int, str, Scene]]) -> dict[str, int]:
+def write_vqa(
+    root: Path, seed: int, images: list[tuple[int, str, Scene]], spec: ShapesWorldSpec = SPEC
+) -> dict[str, int]:
     info = {"description": "ShapesWorld VQA in VQAv2 format", "version": "1.0", "year": 2025}
     questions, annotations = [], []
     for image_id, file_name, scene in images:
         rng = scene_rng(seed, VQA, image_id)
-        for k, (question, answer, qtype, atype, alts) in enumerate(vqa_questions(scene, rng)):
+        for k, (question, answer, qtype, atype, alts) in enumerate(vqa_questions(scene, rng, spec)):
             qid = image_id * 1000 + k
             questions.append(
                 {"image_id": image_id, "question": question, "question_id": qid, "image": file_name}
