@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dvd import demo as demo_module
 from dvd.config import ConfigError
@@ -162,7 +163,13 @@ def test_a_preset_groups_the_evaluation_and_world_settings_in_sections_that_keep
         ("zeroshot_steps: 2\n", r"unknown key 'zeroshot_steps' in .*mine.yaml \(did you mean 'zeroshot'"),
         ("zeroshot:\n  step: 2\n", r"unknown key 'zeroshot.step' in .*mine.yaml \(did you mean 'steps'"),
         ("world: 64\n",
-         r"world in .*mine.yaml must be a mapping of size, image_size, eval_size, instruct_size, got 64"),
+         r"world in .*mine.yaml must be a mapping of size, image_size, eval_size, instruct_size, spec, "
+         r"got 64"),
+        ("world:\n  spec: {shape_weight: [1]}\n",
+         r"unknown ShapesWorld spec key 'shape_weight' in world.spec of .*mine.yaml \(did you mean "
+         r"'shape_weights'"),
+        ("world:\n  spec: {textures: [solid, wavy]}\n",
+         r"textures in world.spec of .*mine.yaml: category names are fixed"),
         ("targeted: [1, 2]\n", r"targeted in .*mine.yaml must be a mapping of limit, steps, got \[1, 2\]"),
     ],
 )
@@ -172,6 +179,26 @@ def test_an_unknown_key_or_a_section_that_is_no_mapping_is_a_one_line_error(
     with pytest.raises(ConfigError, match=message) as error:
         load_preset("mine", _preset(tmp_path, text))
     assert "\n" not in str(error.value)
+
+
+def test_the_world_stage_writes_the_presets_spec_overrides_and_passes_them(tmp_path: Path) -> None:
+    test = load_preset("test")
+    assert "spec" not in test.fingerprint()["world"]  # no overrides: the fingerprint of earlier demo folders
+    spec = {"sizes": {"small": 0.14, "large": 0.24}, "hard_caption_prob": 0.5}
+    preset = dataclasses.replace(test, world=dataclasses.replace(test.world, spec=spec))
+    assert preset.fingerprint()["world"]["spec"] == spec  # another world: a folder of the other is not reused
+    demo = demo_module.Demo(tmp_path, preset, vlm=False)
+    demo._world()
+    assert yaml.safe_load((tmp_path / "configs" / "world_spec.yaml").read_text()) == spec
+    summary = json.loads((tmp_path / "world" / "summary.json").read_text())
+    assert summary["spec"]["sizes"] == spec["sizes"] and summary["spec"]["hard_caption_prob"] == 0.5
+    assert summary["size"] == test.world.size
+
+
+def test_a_preset_without_world_spec_writes_no_spec_file(tmp_path: Path) -> None:
+    demo_module.Demo(tmp_path, load_preset("test"), vlm=False)._world()
+    assert (tmp_path / "world" / "summary.json").is_file()
+    assert not (tmp_path / "configs" / "world_spec.yaml").exists()
 
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(
