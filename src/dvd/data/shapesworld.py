@@ -92,7 +92,9 @@ def _human_bytes(n: float) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    """``dvd data shapesworld --out DIR [--seed S] [--size N] [--image-size PX] [--eval-size M]``."""
+    """``dvd data shapesworld --out DIR [--seed S] [--size N] [--image-size PX] [--eval-size M] [--spec F]``.
+
+    A re-run into an earlier world rewrites it whole with the new settings, the spec included."""
     parser = argparse.ArgumentParser(prog="dvd data shapesworld", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory: new, empty or an earlier ShapesWorld")
     parser.add_argument("--seed", type=int, default=0)
