@@ -181,6 +181,15 @@ def test_an_unknown_key_or_a_section_that_is_no_mapping_is_a_one_line_error(
     assert "\n" not in str(error.value)
 
 
+def test_a_preset_may_be_a_file_of_ones_own_named_by_its_path(tmp_path: Path) -> None:
+    own = tmp_path / "mine.yaml"
+    own.write_text("seed: 3\nzeroshot: {steps: 7}\n")
+    preset = load_preset(str(own))
+    assert preset.name == str(own) and preset.seed == 3 and preset.zeroshot.steps == 7
+    with pytest.raises(FileNotFoundError, match="preset file .*missing.yaml does not exist"):
+        load_preset(str(tmp_path / "missing.yaml"))
+
+
 def test_the_world_stage_writes_the_presets_spec_overrides_and_passes_them(tmp_path: Path) -> None:
     test = load_preset("test")
     assert "spec" not in test.fingerprint()["world"]  # no overrides: the fingerprint of earlier demo folders

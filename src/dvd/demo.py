@@ -439,7 +439,8 @@ def cli(argv: Sequence[str]) -> int:
         "and results.json. Re-run to continue an interrupted demo.",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--preset", default="quick", help="quick (default) or full")
+    parser.add_argument("--preset", default="quick", help="quick (default), full, or a preset file of "
+                        "one's own (FILE.yaml, keys as in configs/demo/quick.yaml)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the tiny models)"
