@@ -132,11 +132,12 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
     """The preset ``directory/NAME.yaml``, or the file ``name`` when it ends in .yaml (a preset of one's
     own; its name is that path); unknown keys (at the top or in a section) and names are one-line errors;
     a section's missing keys keep :class:`DemoPreset`'s defaults."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else directory / f"{name}.yaml"
-    if name.endswith((".yaml", ".yml")) and not path.is_file():
-        raise FileNotFoundError(f"preset file {name} does not exist; give a YAML file or one of "
-                                f"{', '.join(preset_names(directory))}")
+    own = name.endswith((".yaml", ".yml"))
+    path = Path(name) if own else directory / f"{name}.yaml"
     if not path.is_file():
+        if own:
+            raise FileNotFoundError(f"preset file {name} does not exist; give a YAML file or one of "
+                                    f"{', '.join(preset_names(directory))}")
         if not directory.is_dir():
             raise FileNotFoundError(f"no demo presets in {directory}; run dvd demo from a dvd checkout")
         raise ConfigError(f"unknown preset {name!r}{suggest(name, preset_names(directory))}")

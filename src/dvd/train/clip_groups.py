@@ -36,8 +36,9 @@ class GroupedBatches(IterableDataset):
     Each sample goes, with probability ``prob``, to the bucket of its group, otherwise to a shared
     bucket; a bucket that reaches ``batch_size`` is emitted as one run, so every batch the DataLoader
     cuts (``drop_last``, the same ``batch_size``, per worker) is either one group or a random mix.
-    What is left when the stream ends comes out mixed, in arrival order. Items are ``(image, caption)``.
-    The routing is seeded by (seed, epoch, worker): the same batches for the same segment.
+    What is left when the stream ends comes out group by group, then the mixed rest. Items are
+    ``(image, caption)``. The routing is seeded by (seed, epoch, worker): the same batches for the same
+    segment.
     """
 
     def __init__(self, source: ShardStream, *, batch_size: int, prob: float, seed: int = 0) -> None:
