@@ -4,6 +4,7 @@ the same segment gives the same batches, and a source without KEY.json is a clea
 from __future__ import annotations
 
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -65,6 +66,48 @@ def test_the_same_seed_and_epoch_give_the_same_batches_and_another_epoch_others(
     assert order(0) != order(1)
 
 
+class Scenes(torch.utils.data.IterableDataset):
+    """(image, (caption, (color, shape))) items over every colour x shape pair, ``n`` of each, shuffled."""
+
+    def __init__(self, n: int, colors: int = 4, shapes: int = 4) -> None:
+        super().__init__()
+        rng = random.Random(0)
+        self.items = [(c, s) for c in range(colors) for s in range(shapes) for _ in range(n)]
+        rng.shuffle(self.items)
+        self.urls = ["memory"]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for c, s in self.items:
+            yield torch.zeros(1), (f"{c}/{s}", (c, s))
+
+
+def test_small_groups_fill_a_batch_and_never_straddle_its_boundary():
+    stream = GroupedBatches(Items(400, 5), batch_size=8, prob=1.0, group_size=2)
+    texts = [text for _, text in stream]
+    runs = [texts[i : i + 2] for i in range(0, 400 - 40, 2)]  # before the leftovers
+    assert all(len(set(r)) == 1 for r in runs)
+    assert any(len(set(b)) > 1 for b in blocks(stream, 8))  # a batch holds several groups
+    with pytest.raises(ValueError, match="batch_group_size must divide"):
+        GroupedBatches(Items(1, 1), batch_size=8, prob=1.0, group_size=3)
+    mixed = [t for _, t in GroupedBatches(Items(4000, 8), batch_size=16, prob=0.5, seed=1, group_size=4)]
+    assert sorted(mixed) == sorted(f"g{i % 8}" for i in range(4000))
+
+
+def test_a_free_attribute_makes_groups_of_minimal_pairs_that_differ_in_it_alone():
+    stream = GroupedBatches(Scenes(40), batch_size=8, prob=1.0, group_size=4, free=[0, 1])
+    texts = [text for _, text in stream]
+    groups = [[t.split("/") for t in texts[i : i + 4]] for i in range(0, len(texts) - 64, 4)]
+    same_color = [g for g in groups if len({c for c, _ in g}) == 1]
+    same_shape = [g for g in groups if len({s for _, s in g}) == 1]
+    assert all(g in same_color or g in same_shape for g in groups)  # each agrees on all but one attribute
+    assert any(len({s for _, s in g}) > 1 for g in same_color)  # and varies the free one
+    assert any(len({c for c, _ in g}) > 1 for g in same_shape)
+    assert 0.3 < len(same_color) / len(groups) < 0.7  # the left-out attribute is drawn per sample
+
+
 def test_out_of_range_prob_is_refused():
     with pytest.raises(ValueError, match="batch_group_prob"):
         GroupedBatches(Items(1, 1), batch_size=2, prob=1.5)
@@ -97,6 +140,11 @@ def test_a_grouped_clean_run_trains_and_a_csv_source_or_a_bad_prob_is_a_one_line
     assert Path(train_clip(cfg)["final"]).is_dir()
     with pytest.raises(ConfigError, match="batch_group_prob"):
         check_config(load_config(ClipTrainConfig, None, [f"data={shapesworld}", "batch_group_prob=2"]))
+    with pytest.raises(ConfigError, match="batch_group_size must divide batch_size 8"):
+        check_config(load_config(ClipTrainConfig, None, [f"data={shapesworld}", *tiny, "batch_group_size=3"]))
+    with pytest.raises(ConfigError, match=r"batch_group_free \['shape'\] not in batch_group_by"):
+        check_config(load_config(ClipTrainConfig, None, [f"data={shapesworld}", "batch_group_by=[color]",
+                                                         "batch_group_free=[shape]"]))
     csv = tmp_path / "pairs.csv"
     csv.write_text("filepath\ttitle\n")
     cfg = load_config(ClipTrainConfig, None, [f"data={csv}", "recipe=clean", "batch_group_by=[color]"])

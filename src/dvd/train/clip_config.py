@@ -43,6 +43,10 @@ class ClipTrainConfig(CommonTrainConfig):
     # that agree on these KEY.json attributes, e.g. [color] (dvd.train.clip_groups); [] = random batches
     batch_group_by: list[str] = field(default_factory=list)
     batch_group_prob: float = 0.5
+    # samples per group (a divisor of batch_size; 0 = the whole batch), and attributes of batch_group_by of
+    # which each grouped sample leaves one out of its group's key (minimal pairs: groups differ in it alone)
+    batch_group_size: int = 0
+    batch_group_free: list[str] = field(default_factory=list)
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
@@ -118,6 +122,14 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
         )
     if not 0.0 <= cfg.batch_group_prob <= 1.0:
         raise ConfigError(f"batch_group_prob must be in [0, 1], got {cfg.batch_group_prob}")
+    if cfg.batch_group_size < 0 or (cfg.batch_group_size and cfg.batch_size % cfg.batch_group_size):
+        raise ConfigError(
+            f"batch_group_size must divide batch_size {cfg.batch_size} (or be 0: whole batches), "
+            f"got {cfg.batch_group_size}"
+        )
+    stray = [k for k in cfg.batch_group_free if k not in cfg.batch_group_by]
+    if stray:
+        raise ConfigError(f"batch_group_free {stray} not in batch_group_by {cfg.batch_group_by}; add them")
     parse_eps(cfg.eps)
     parse_eps(cfg.eval_eps)
     if cfg.attack_steps is None:

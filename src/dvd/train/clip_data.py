@@ -204,6 +204,7 @@ def build_dataset(
         if cfg.batch_group_by and cfg.recipe in ("clean", "delta"):
             data = grouped_pairs(
                 urls, keys=cfg.batch_group_by, prob=cfg.batch_group_prob, batch_size=cfg.batch_size,
+                group_size=cfg.batch_group_size or None, free=cfg.batch_group_free,
                 transform=transform, resampled=cfg.resampled, seed=cfg.seed, shuffle=shuffle,
             )
         elif cfg.recipe == "fare":  # captions are not needed, but a sample without one is still an image

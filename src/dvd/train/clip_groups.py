@@ -5,6 +5,11 @@ that is the colour, and the shape is never needed (benchmarks/shapesworld_learna
 ``batch_group_by: [color]`` a share ``batch_group_prob`` of the batches hold samples of one colour only,
 so inside them only the other attributes separate the captions. The attributes come from each sample's
 ``KEY.json``; the images and captions are unchanged, only which samples share a batch.
+
+Groups may be smaller than a batch (``batch_group_size``): a batch is then several groups of that size,
+told apart by the grouped attributes and, inside each group, by the rest. With ``batch_group_free`` each
+grouped sample leaves one of those attributes (drawn at random) out of its group's key, so a group holds
+minimal pairs, e.g. scenes of one colour, count, size and texture that differ in the shape alone.
 """
 
 from __future__ import annotations
@@ -39,15 +44,34 @@ class GroupedBatches(IterableDataset):
     What is left when the stream ends comes out group by group, then the mixed rest. Items are
     ``(image, caption)``. The routing is seeded by (seed, epoch, worker): the same batches for the same
     segment.
+
+    ``group_size`` (a divisor of ``batch_size``; default the batch size) is the length of a group's run:
+    the mixed bucket still emits whole batches, so runs never straddle a batch boundary. ``free`` (indices
+    into the group tuple): each grouped sample drops one of them, drawn at random, from its key.
     """
 
-    def __init__(self, source: ShardStream, *, batch_size: int, prob: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: ShardStream,
+        *,
+        batch_size: int,
+        prob: float,
+        seed: int = 0,
+        group_size: int | None = None,
+        free: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"batch_group_prob must be in [0, 1], got {prob}")
         self.source = source
         self.batch_size = int(batch_size)
+        self.group_size = int(group_size or batch_size)
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(
+                f"batch_group_size must divide batch_size {self.batch_size}, got {self.group_size}"
+            )
         self.prob = float(prob)
+        self.free = tuple(free)
         self.seed = int(seed)
         self._epoch = 0
 
@@ -68,9 +92,14 @@ class GroupedBatches(IterableDataset):
             if item is None:
                 continue
             image, (text, group) = item
-            bucket = buckets.setdefault(group, []) if rng.random() < self.prob else mixed
+            bucket = mixed
+            if rng.random() < self.prob:
+                if self.free:
+                    left_out = self.free[rng.randrange(len(self.free))]
+                    group = (left_out, *(v for i, v in enumerate(group) if i != left_out))
+                bucket = buckets.setdefault(group, [])
             bucket.append((image, text))
-            if len(bucket) == self.batch_size:
+            if len(bucket) == (self.batch_size if bucket is mixed else self.group_size):
                 yield from bucket
                 bucket.clear()
         rest = [item for bucket in buckets.values() for item in bucket] + mixed
@@ -78,9 +107,19 @@ class GroupedBatches(IterableDataset):
 
 
 def grouped_pairs(
-    urls: Any, *, keys: Sequence[str], prob: float, batch_size: int, transform: Callable | None, **stream: Any
+    urls: Any,
+    *,
+    keys: Sequence[str],
+    prob: float,
+    batch_size: int,
+    transform: Callable | None,
+    group_size: int | None = None,
+    free: Sequence[str] = (),
+    **stream: Any,
 ) -> GroupedBatches:
-    """Image-text shards with ``KEY.json`` as :class:`GroupedBatches` (``stream``: ShardStream options)."""
+    """Image-text shards with ``KEY.json`` as :class:`GroupedBatches` (``stream``: ShardStream options);
+    ``free`` names attributes of ``keys``."""
     target = functools.partial(caption_and_group, keys=tuple(keys))  # picklable: reaches workers
     source = ShardStream(urls, transform=transform, target=target, **stream)
-    return GroupedBatches(source, batch_size=batch_size, prob=prob, seed=stream.get("seed", 0))
+    return GroupedBatches(source, batch_size=batch_size, prob=prob, seed=stream.get("seed", 0),
+                          group_size=group_size, free=[list(keys).index(k) for k in free])
