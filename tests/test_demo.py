@@ -72,7 +72,10 @@ def test_the_report_checks_the_five_claims_with_target_measured_margin_and_verdi
     report = (demo_dir / "report.md").read_text()
     claims = report[report.index("## The paper's claims"):report.index("## Zero-shot classification")]
     lines = [line for line in claims.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
-    assert {line.split(" | ")[0] for line in lines} == {"| 1", "| 2", "| 3", "| 4", "| 5"}
+    assert {line.split(" | ")[0] for line in lines} == {"| 1", "| 2", "| 3", "| 4", "| 5", "| world"}
+    world = [line for line in lines if line.startswith("| world")]  # one learnability check per task
+    assert [line.split("shapesworld/")[1].split(":")[0] for line in world] == [
+        "shape", "color", "count", "size", "texture"]
     assert "| claim | check | target | measured | margin | verdict | from |" in claims
     for line in lines:  # every VLM of the claims was trained and evaluated: each check is measured
         assert "**holds**" in line or "**does not hold**" in line, line

@@ -42,7 +42,7 @@ def by_what(checks) -> dict[str, object]:
 
 def test_every_claim_of_the_list_is_checked_with_target_measured_margin_and_verdict() -> None:
     checks = check_claims(results())
-    assert [c.claim for c in checks] == [1, 1, 2, 3, 3, 4, 4, 4, 5, 5]
+    assert [c.claim for c in checks] == [1, 1, 2, 3, 3, 4, 4, 4, 5, 5, "world", "world"]
     assert all(c.holds for c in checks)
     c = by_what(checks)
     gain = c["ΔCLIP vs clean CLIP: zero-shot average attacked at 4/255, gain"]
@@ -98,8 +98,28 @@ def test_missing_models_are_not_measured_rather_than_failed_silently() -> None:
     rows = [r for r in results() if r["task"] == "zeroshot"]  # a --no-vlm demo
     checks = check_claims(rows)
     assert [c.holds for c in checks[:3]] == [True, True, True]
-    assert all(c.measured is None and not c.holds for c in checks[3:])
+    assert all(c.measured is None and not c.holds for c in checks[3:-2])
+    assert all(c.holds for c in checks[-2:])  # the world's checks need the clean CLIP only
     assert claims_table(checks).count("| not measured |") == 7
+
+
+def test_every_shapesworld_task_must_be_learned_by_the_clean_clip_20_pt_above_its_chance() -> None:
+    rows = [row("clean-clip", "zeroshot", f"shapesworld/{task}", "accuracy", clean, 0.0)
+            for task, clean in (("color", 1.0), ("shape", 0.16), ("count", 0.45), ("size", 0.70))]
+    rows += [row("fare", "zeroshot", "shapesworld/texture", "accuracy", 0.9, 0.1)]  # no clean CLIP row
+    rows += [row("clean-clip", "zeroshot", "imagenet", "accuracy", 0.1, 0.0)]  # not a ShapesWorld task
+    checks = [c for c in check_claims(rows) if c.claim == "world"]
+    names = [c.what.split("/")[1].split(":")[0] for c in checks]
+    assert names == ["shape", "color", "count", "size", "texture"]
+    shape, color, count, size, texture = checks
+    assert shape.measured == pytest.approx(16 - 12.5) and shape.margin == pytest.approx(-16.5)
+    assert not shape.holds
+    assert "chance 12.5%" in shape.detail and color.holds
+    assert count.measured == pytest.approx(20.0) and count.holds  # chance 25%: exactly on the target
+    assert size.measured == pytest.approx(20.0) and size.holds  # chance 50%
+    assert texture.measured is None and "not evaluated" in texture.detail
+    line = "| world | clean CLIP learns shapesworld/shape: clean accuracy above chance | ≥ +20.0 pt | 3.5 pt"
+    assert line in claims_table(checks)
 
 
 def test_without_4_over_255_the_largest_budget_is_used_and_named() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dvd.data.shapesworld_formats import ZEROSHOT_TASKS
 from dvd.eval.report import average_rows, eps_label
 
 Row = dict[str, Any]
@@ -20,6 +21,8 @@ HEADLINE_EPS = 4 / 255
 METRIC = {"zeroshot": "accuracy", "caption": "cider", "vqa": "vqa_accuracy"}
 ROBUST_VLMS = ("fare-llava", "delta-llava", "delta2-llava")  # clean-llava is the undefended reference
 BOUNDS = {">=": "≥", ">": ">", "<=": "≤"}
+LEARNABLE = 20.0  # pt above chance the clean CLIP must reach on every zero-shot task (issue 17)
+WORLD = "world"  # the claim label of the learnability checks: a property of the world, not of a defence
 MARGIN_NOTE = (
     "Margin: how far the measured value lies on the holding side of the target, in the check's unit "
     "(measured − target for ≥ / >, target − measured for ≤; negative: short of the target)."
@@ -30,7 +33,7 @@ MARGIN_NOTE = (
 class Check:
     """One measured part of a claim: ``target`` is ``(bound, value)`` with bound ``>=``, ``>`` or ``<=``."""
 
-    claim: int  # the number in issue 17's list
+    claim: int | str  # the number in issue 17's list, or WORLD
     what: str
     bound: str
     target: float
@@ -96,8 +99,34 @@ def _ratio(num: float, den: float) -> float:
 
 
 def check_claims(rows: Sequence[Row]) -> list[Check]:
-    """The checks of claims 1-5 on one seed's result rows (``results.json``), in the list's order."""
-    return _clip_checks(rows) + _vlm_checks(rows)
+    """The checks of claims 1-5 on one seed's result rows (``results.json``), in the list's order, then
+    whether the world makes every ShapesWorld zero-shot task learnable (:func:`learnable_checks`)."""
+    return _clip_checks(rows) + _vlm_checks(rows) + learnable_checks(rows)
+
+
+def learnable_checks(rows: Sequence[Row]) -> list[Check]:
+    """Per ShapesWorld zero-shot task in ``rows``: the clean CLIP's clean accuracy above chance (1 / the
+    number of classes), against :data:`LEARNABLE`. A task below it measures nothing: every model's
+    attacked accuracy there is near chance whatever its robustness."""
+    clean: dict[str, float] = {}
+    tasks: set[str] = set()
+    for r in rows:
+        name = str(r["dataset"]).removeprefix("shapesworld/")
+        if r["task"] == "zeroshot" and name in ZEROSHOT_TASKS and r["metric"] == "accuracy":
+            tasks.add(name)
+            if r["model"] == "clean-clip":
+                clean[name] = 100 * float(r["clean"])
+    checks = []
+    for task in (t for t in ZEROSHOT_TASKS if t in tasks):
+        chance = 100 / len(ZEROSHOT_TASKS[task][1])
+        got = clean.get(task)
+        if got is None:
+            measured, detail = None, "clean-clip not evaluated"
+        else:
+            measured, detail = got - chance, f"clean-clip {got:.1f}% clean, chance {chance:.1f}%"
+        what = f"clean CLIP learns shapesworld/{task}: clean accuracy above chance"
+        checks.append(Check(WORLD, what, ">=", LEARNABLE, "pt", measured, detail))
+    return checks
 
 
 def _clip_checks(rows: Sequence[Row]) -> list[Check]:

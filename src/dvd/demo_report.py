@@ -176,7 +176,9 @@ def _claims_text(rows: Sequence[Row]) -> str:
         "Issue 17's five claims, each checked against a target (the paper's effect, scaled to the small "
         "world): 1. ΔCLIP vs the clean CLIP, 2. vs adversarial fine-tuning (TeCoA / FARE), 3. Δ²LLaVA vs "
         "the prior art (LLaVA's recipe on the FARE tower), 4. double vs single defence (Δ²LLaVA vs LLaVA "
-        "clean-tuned on ΔCLIP), 5. the undefended LLaVA as reference. " + MARGIN_NOTE + "\n\n"
+        "clean-tuned on ΔCLIP), 5. the undefended LLaVA as reference; then the world's own check (`world`): "
+        "every zero-shot task learnable, the clean CLIP ≥ chance + 20 pt clean (a task below it shows no "
+        "model's robustness: every attacked accuracy there sits near chance). " + MARGIN_NOTE + "\n\n"
         + claims_table(checks)
         + "\nThe paper: an undefended CLIP falls to ~0% at 4/255, ΔCLIP is ~20 pt ahead of TeCoA / FARE, "
         "Δ²LLaVA ~30% better in attacked captioning and ~20% in attacked VQA than LLaVA on those towers.\n"
