@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dvd.demo_claims import MARGIN_NOTE, check_claims, claims_table, headline
+from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
 from dvd.demo_figures import plot_results
 from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, ReportInputs
@@ -177,8 +177,9 @@ def _claims_text(rows: Sequence[Row]) -> str:
         "world): 1. ΔCLIP vs the clean CLIP, 2. vs adversarial fine-tuning (TeCoA / FARE), 3. Δ²LLaVA vs "
         "the prior art (LLaVA's recipe on the FARE tower), 4. double vs single defence (Δ²LLaVA vs LLaVA "
         "clean-tuned on ΔCLIP), 5. the undefended LLaVA as reference; then the world's own check (`world`): "
-        "every zero-shot task learnable, the clean CLIP ≥ chance + 20 pt clean (a task below it shows no "
-        "model's robustness: every attacked accuracy there sits near chance). " + MARGIN_NOTE + "\n\n"
+        f"every zero-shot task learnable, the clean CLIP ≥ chance + {LEARNABLE:g} pt clean (a task below it "
+        "shows no model's robustness: every attacked accuracy there sits near chance). "
+        + MARGIN_NOTE + "\n\n"
         + claims_table(checks)
         + "\nThe paper: an undefended CLIP falls to ~0% at 4/255, ΔCLIP is ~20 pt ahead of TeCoA / FARE, "
         "Δ²LLaVA ~30% better in attacked captioning and ~20% in attacked VQA than LLaVA on those towers.\n"
