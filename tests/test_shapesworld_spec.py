@@ -8,12 +8,13 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dvd.cli import main
 from dvd.config import ConfigError
 from dvd.data.shapesworld import generate
-from dvd.data.shapesworld_scenes import SPEC
+from dvd.data.shapesworld_scenes import SPEC, ShapesWorldSpec, render_array, sample_scene
 from dvd.data.shapesworld_spec import load_spec, spec_from_mapping
 
 DEFAULT_SPEC = json.loads(json.dumps(SPEC.to_json()))  # as summary.json holds it
@@ -71,6 +72,28 @@ def test_larger_radii_reach_the_scenes_the_images_and_the_summary(tmp_path: Path
     assert summary["zeroshot"]["size"]["classnames"] == ["small", "large"]
 
 
+def test_coarser_texture_periods_redraw_the_textured_objects_only() -> None:
+    coarse = spec_from_mapping({"texture_periods": {"striped": 0.25, "dotted": 0.25}}, "test")
+    assert coarse.texture_periods == {"striped": 0.25, "dotted": 0.25}
+    assert coarse.to_json()["texture_periods"] == {"striped": 0.25, "dotted": 0.25}
+    assert "texture_periods" not in SPEC.to_json()  # the summary of earlier worlds, byte for byte
+
+    def stripe_edges(image: np.ndarray) -> int:  # tone changes along the image's rows
+        gray = image.astype(int).sum(axis=2)
+        return int((np.abs(np.diff(gray, axis=1)) > 60).sum())
+
+    def draw(texture: str, spec: ShapesWorldSpec) -> np.ndarray:
+        scene = sample_scene(np.random.default_rng(5), texture=texture, size="large", count=1,
+                             background="white", distractor=False)
+        return render_array(scene, 128, np.random.default_rng(1), spec)
+
+    assert np.array_equal(draw("solid", SPEC), draw("solid", coarse))
+    outline = stripe_edges(draw("solid", SPEC))  # the same object, so the same outline in every texture
+    for texture in ("striped", "dotted"):  # a coarser pattern: fewer tone changes inside the same object
+        fine, wide = (stripe_edges(draw(texture, spec)) - outline for spec in (SPEC, coarse))
+        assert 0 < wide < 0.75 * fine
+
+
 def test_an_empty_spec_file_writes_the_default_world_byte_for_byte(tmp_path: Path) -> None:
     spec = _write(tmp_path, "# no overrides\n")
     assert main(["data", "shapesworld", "--out", str(tmp_path / "a"), *TINY, "--spec", str(spec)]) == 0
@@ -110,6 +133,8 @@ def test_yaml_lists_become_tuples_and_keyed_overrides_keep_the_other_keys_and_th
         ("hard_caption_keep: {colour: 1.0}\n", r"hard_caption_keep: unknown attribute 'colour' .*'color'"),
         ("shape_weights: [1, 2]\n", r"shape_weights in .*spec.yaml must be a list of 8 values"),
         ("sizes: {large: 0.4}\n", r"sizes.large must be a radius in \(0, 0.25\]"),
+        ("texture_periods: {striped: 0}\n", r"texture_periods.striped must be a period in \(0, 1\]"),
+        ("texture_periods: {solid: 0.2}\n", r"texture_periods: 'solid' .* category names are fixed"),
         ("backgrounds: {noise: 0.5}\n", r"backgrounds.noise in .*spec.yaml is drawn, not a level"),
         ("companions: {circle: [circle, star]}\n", r"companions.circle must name other shapes"),
         ("sizes: [1, 2\n", r"--spec .*spec.yaml is not valid YAML"),

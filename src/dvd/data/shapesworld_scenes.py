@@ -73,6 +73,8 @@ class ShapesWorldSpec:
     sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.095, "large": 0.19})  # radius / side
     textures: tuple[str, ...] = ("solid", "striped", "dotted")
     texture_weights: tuple[float, ...] = (0.5, 0.25, 0.25)
+    # period of the stripes and of the dot grid, as fractions of the image side (at least 3 and 4 px)
+    texture_periods: dict[str, float] = field(default_factory=lambda: {"striped": 0.11, "dotted": 0.14})
     counts: tuple[int, ...] = (1, 2, 3, 4)
     # where a single object sits (fractions of the side); groups of 2-4 use grid slots instead
     positions: dict[str, tuple[float, float]] = field(
@@ -114,10 +116,13 @@ class ShapesWorldSpec:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
         if not self.hard_caption_prob:  # no hard captions: the summary of earlier releases, byte for byte
             del out["hard_caption_keep"]
+        if self.texture_periods == TEXTURE_PERIODS:  # likewise
+            del out["texture_periods"]
         return out
 
 
 SPEC = ShapesWorldSpec()
+TEXTURE_PERIODS = SPEC.texture_periods
 
 
 @dataclass(frozen=True)
@@ -331,15 +336,16 @@ def shape_polygon(shape: str) -> np.ndarray:
 
 
 @functools.cache
-def _texture_mask(texture: str, image_size: int) -> np.ndarray:
-    """Supersampled 0/1 pattern over the whole canvas: diagonal stripes or a grid of dots."""
+def _texture_mask(texture: str, image_size: int, period: float) -> np.ndarray:
+    """Supersampled 0/1 pattern over the whole canvas: diagonal stripes or a grid of dots, ``period`` a
+    fraction of the side."""
     n = image_size * SUPERSAMPLE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
     if texture == "striped":
-        period = max(3.0, 0.11 * image_size) * SUPERSAMPLE
+        period = max(3.0, period * image_size) * SUPERSAMPLE
         mask = ((xx + yy) % period) < period / 2
     elif texture == "dotted":
-        period = max(4.0, 0.14 * image_size) * SUPERSAMPLE
+        period = max(4.0, period * image_size) * SUPERSAMPLE
         dx, dy = xx % period - period / 2, yy % period - period / 2
         mask = dx * dx + dy * dy < (0.27 * period) ** 2
     else:
@@ -368,7 +374,9 @@ def _background(name: str, image_size: int, rng: np.random.Generator, spec: Shap
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def _coverage(obj: SceneObject, image_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
+def _coverage(
+    obj: SceneObject, image_size: int, spec: ShapesWorldSpec = SPEC
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
     """Fraction of each output pixel covered by the object (and by its texture pattern), in its box."""
     s = SUPERSAMPLE
     r_px = obj.radius * image_size
@@ -383,9 +391,8 @@ def _coverage(obj: SceneObject, image_size: int) -> tuple[np.ndarray, np.ndarray
     cov = _box_mean(mask, s)
     pattern = None
     if obj.texture != "solid":
-        pattern = _box_mean(
-            mask & _texture_mask(obj.texture, image_size)[y0 * s : y1 * s, x0 * s : x1 * s], s
-        )
+        texture = _texture_mask(obj.texture, image_size, spec.texture_periods[obj.texture])
+        pattern = _box_mean(mask & texture[y0 * s : y1 * s, x0 * s : x1 * s], s)
     return cov, pattern, (y0, y1, x0, x1)
 
 
@@ -405,7 +412,7 @@ def render_array(
     for obj in scene.objects:
         jitter = rng.integers(-10, 11, 3).astype(np.float32)
         rgb = (np.asarray(spec.colors[obj.color], dtype=np.float32) + jitter) * np.float32(1 / 255)
-        cov, pattern, (y0, y1, x0, x1) = _coverage(obj, image_size)
+        cov, pattern, (y0, y1, x0, x1) = _coverage(obj, image_size, spec)
         region = canvas[y0:y1, x0:x1]  # a view: composited in place, "over" with coverage as alpha
         region *= 1.0 - cov[:, :, None]
         region += cov[:, :, None] * rgb

@@ -5,12 +5,14 @@ An override file is a mapping of :class:`~dvd.data.shapesworld_scenes.ShapesWorl
   hard_caption_prob: 0.5
   hard_caption_keep: {texture: 1.0, shape: 0.0}
   sizes: {small: 0.14, large: 0.24}
+  texture_periods: {striped: 0.2, dotted: 0.22}
 
 Values, weights, probabilities, radii and colours' RGB may change; the category names (shapes, colours,
 sizes, textures, counts, positions, backgrounds) may not: the zero-shot tasks and the question writers
 name them. A mapping keyed by category names (``colors``, ``sizes``, ``positions``, ``backgrounds``,
-``companions``) may give some of the keys (the rest keep their defaults); ``hard_caption_keep`` replaces
-the default whole (an attribute it leaves out is named as :func:`hard_caption` says).
+``companions``, ``texture_periods``) may give some of the keys (the rest keep their defaults);
+``hard_caption_keep`` replaces the default whole (an attribute it leaves out is named as
+:func:`hard_caption` says).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from dvd.data.shapesworld_captions import HARD_CAPTION_NAMES
 from dvd.data.shapesworld_scenes import SPEC, ShapesWorldSpec
 
 CATEGORY_FIELDS = ("shapes", "textures", "counts")  # tuples of the world's category names
-KEYED_FIELDS = ("colors", "sizes", "positions", "backgrounds", "companions")  # keyed by category names
+# keyed by category names
+KEYED_FIELDS = ("colors", "sizes", "positions", "backgrounds", "companions", "texture_periods")
 WEIGHT_FIELDS = ("shape_weights", "texture_weights", "background_weights")
 PROBABILITY_FIELDS = ("distractor_prob", "hard_caption_prob")
 MAX_RADIUS = 0.25  # a group of four large shapes sits on a 2 x 2 grid with slots 0.5 apart
@@ -129,6 +132,9 @@ def _check_ranges(spec: ShapesWorldSpec, source: str) -> None:
     for size, radius in spec.sizes.items():
         if not 0.0 < radius <= MAX_RADIUS:
             fail(f"sizes.{size} must be a radius in (0, {MAX_RADIUS}] of the image side, got {radius}")
+    for texture, period in spec.texture_periods.items():
+        if not 0.0 < period <= 1.0:
+            fail(f"texture_periods.{texture} must be a period in (0, 1] of the image side, got {period}")
     for color, rgb in spec.colors.items():
         if not all(0 <= c <= 255 for c in rgb):
             fail(f"colors.{color} must be RGB values in [0, 255], got {list(rgb)}")
