@@ -342,12 +342,12 @@ def _texture_mask(texture: str, image_size: int, period: float) -> np.ndarray:
     n = image_size * SUPERSAMPLE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
     if texture == "striped":
-        period = max(3.0, period * image_size) * SUPERSAMPLE
-        mask = ((xx + yy) % period) < period / 2
+        step = max(3.0, period * image_size) * SUPERSAMPLE  # supersampled pixels
+        mask = ((xx + yy) % step) < step / 2
     elif texture == "dotted":
-        period = max(4.0, period * image_size) * SUPERSAMPLE
-        dx, dy = xx % period - period / 2, yy % period - period / 2
-        mask = dx * dx + dy * dy < (0.27 * period) ** 2
+        step = max(4.0, period * image_size) * SUPERSAMPLE
+        dx, dy = xx % step - step / 2, yy % step - step / 2
+        mask = dx * dx + dy * dy < (0.27 * step) ** 2
     else:
         raise ValueError(f"unknown texture {texture!r}")
     mask = mask.astype(np.uint8)
@@ -375,7 +375,7 @@ def _background(name: str, image_size: int, rng: np.random.Generator, spec: Shap
 
 
 def _coverage(
-    obj: SceneObject, image_size: int, spec: ShapesWorldSpec = SPEC
+    obj: SceneObject, image_size: int, spec: ShapesWorldSpec
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
     """Fraction of each output pixel covered by the object (and by its texture pattern), in its box."""
     s = SUPERSAMPLE
