@@ -136,3 +136,19 @@ def test_scienceqa_below_guessing_and_mme_alike_answers_get_notes_saying_they_me
     assert note.startswith("- **clean-llava answer both questions of every MME image alike**")
     assert "delta-llava" not in note
     assert _mme_notes(mme("delta2-llava", 0.75, 0.5)) == []
+    (note,) = _mme_notes(mme("fare-llava", 0.0, 0.0) + mme("delta2-llava", 0.75, 0.5))
+    assert note.startswith("- **fare-llava answer no MME question right**") and "neither yes nor no" in note
+
+
+def test_targeted_rows_get_a_note_only_when_no_attack_succeeded_on_any_vlm() -> None:
+    from dvd.demo_report import _targeted_notes
+
+    def targeted(model: str, rate: float) -> dict:
+        return {**row(model, "shapesworld/captions", EPS4, 0.0, rate, "targeted"), "metric": "success_rate"}
+
+    quick = load_preset("quick")
+    (note,) = _targeted_notes([targeted("clean-llava", 0.0), targeted("delta2-llava", 0.0)], quick)
+    assert note.startswith("- **No targeted attack succeeded on any VLM**")
+    assert f"within {quick.targeted.steps} APGD steps" in note
+    assert _targeted_notes([targeted("clean-llava", 0.2), targeted("delta2-llava", 0.0)], quick) == []
+    assert _targeted_notes([], quick) == []

@@ -26,7 +26,7 @@ from tiny_models import TINY_LLAMA, tiny_tower
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO = Path("runs/demo")  # `make demo` runs `dvd demo --out runs/demo`
-INPUT_KEYS = ("data", "vision", "pretrained", "init")  # config keys naming what a training reads
+INPUT_KEYS = ("model", "data", "vision", "pretrained", "init")  # config keys naming what a training reads
 FAST_CLIP = ["--limit", "2", "--steps", "1", "--batch-size", "2", "--no-progress"]
 FAST_VLM = ["--limit", "2", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
 
@@ -46,11 +46,14 @@ COMMAND_LINES = readme_commands()
 
 
 def demo_outputs() -> set[Path]:
-    """What `make demo` leaves behind, from the demo's own plan: its world and every trained model."""
-    demo = Demo(DEMO, load_preset("quick"))
+    """What `make demo` leaves behind, from the demo's own plan: its world, its CLIP model config (when the
+    preset has one) and every trained model."""
+    preset = load_preset("quick")
+    demo = Demo(DEMO, preset)
     stages = [s.name for s in demo.stages()]
     trained = [name.removeprefix("train ").replace(" ", "-") for name in stages if name.startswith("train ")]
-    return {demo.world, *(demo.final(name) for name in trained)}
+    own = {DEMO / "configs" / f"{preset.clip_model_name}.json"} if preset.clip_model_config else set()
+    return {demo.world, *own, *(demo.final(name) for name in trained)}
 
 
 class Parsed(Exception):

@@ -21,8 +21,8 @@ def clean_start(shapesworld: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg = load_config(
         ClipTrainConfig,
         CONFIGS / "clip_clean_demo.yaml",
-        [f"data={shapesworld}", f"output_dir={out}", "steps=1", "batch_size=4", "progress=false",
-         "eval_every=0", "warmup_steps=0", "shuffle_buffer=8"],
+        ["model=dvd-tiny-vit", f"data={shapesworld}", f"output_dir={out}", "steps=1", "batch_size=4",
+         "progress=false", "eval_every=0", "warmup_steps=0", "shuffle_buffer=8"],
     )
     train_clip(check_config(cfg))
     return out / "final"

@@ -17,7 +17,7 @@ from typing import Any
 from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
 from dvd.demo_figures import plot_results
-from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, ReportInputs
+from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, DemoPreset, ReportInputs
 from dvd.eval.report import (
     average_rows,
     markdown_table,
@@ -248,6 +248,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
                 lines.extend(_pope_notes(rows))
             if task == "scienceqa":
                 lines.extend(_scienceqa_notes(rows))
+            if task == "targeted":
+                lines.extend(_targeted_notes(rows, p))
     mme = mme_table(vlm_rows)
     if mme:
         lines.append("### MME (clean)\n")
@@ -276,20 +278,43 @@ def _scienceqa_notes(rows: Sequence[Row]) -> list[str]:
 
 
 def _mme_notes(rows: Sequence[Row]) -> list[str]:
-    """A line for each VLM that gives both questions of every MME image the same answer."""
-    same = []
+    """A line for the VLMs that give both questions of every MME image the same answer, and one for those
+    that never answer an MME question right (their replies are neither "yes" nor "no")."""
+    same, never = [], []
     for model in VLM_MODELS:
         mine = [r for r in rows if r["model"] == model and r["task"] == "mme"]
         plus = [r["clean"] for r in mine if r["metric"] == "acc_plus"]
         accuracy = [r["clean"] for r in mine if r["metric"] == "accuracy"]
-        if plus and max(plus) == 0 and all(abs(a - 0.5) < 1e-9 for a in accuracy):
+        if accuracy and max(accuracy) == 0:
+            never.append(model)
+        elif plus and max(plus) == 0 and all(abs(a - 0.5) < 1e-9 for a in accuracy):
             same.append(model)
-    if not same:
+    prompt = "MME's \"Please answer yes or no.\" prompt, which the world's instruction data does not use"
+    notes = []
+    if same:
+        notes.append(
+            f"- **{', '.join(same)} answer both questions of every MME image alike** (accuracy 50%, acc+ 0 "
+            f"in every subtask): one always-yes or always-no reply to {prompt}; the scores measure nothing "
+            "at this scale.\n"
+        )
+    if never:
+        notes.append(
+            f"- **{', '.join(never)} answer no MME question right** (accuracy 0 in every subtask): their "
+            f"replies to {prompt}, say neither yes nor no; the scores measure the format, not perception.\n"
+        )
+    return notes
+
+
+def _targeted_notes(rows: Sequence[Row], preset: DemoPreset) -> list[str]:
+    """A line when no targeted attack succeeded on any VLM: the rows then do not rank the models."""
+    rates = [r["adversarial"] for r in rows if r["task"] == "targeted" and r["metric"] == "success_rate"]
+    if not rates or max(rates) > 0:
         return []
     return [
-        f"- **{', '.join(same)} answer both questions of every MME image alike** (accuracy 50%, acc+ 0 in "
-        "every subtask): one always-yes or always-no reply to MME's \"Please answer yes or no.\" prompt, "
-        "which the world's instruction data does not use; the scores measure nothing at this scale.\n"
+        f"- **No targeted attack succeeded on any VLM**: none of the {preset.targeted.limit} captions per "
+        f"model became the target within {preset.targeted.steps} APGD steps at 4/255 (the paper's protocol "
+        "runs 10,000 steps per image; `dvd eval targeted --steps` sets it). At this budget these rows do not "
+        "rank the models.\n"
     ]
 
 
