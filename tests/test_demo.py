@@ -101,7 +101,9 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
         path = demo_dir / "figures" / figure
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{figure})" in report
-    assert "| train delta-clip | Δ | " in report and "| **all stages** |" in report
+    assert "| **all stages** |" in report
+    ran = [line.split(" | ")[1] for line in report.splitlines() if line.startswith("| train ")]
+    assert set(ran) == {"1", "2"}  # the two workers (--jobs 2, the default) shared the trainings
     assert "{" not in report and "}" not in report  # every template field was filled in
 
 
@@ -119,7 +121,7 @@ def test_rerun_reuses_every_finished_stage(demo_dir: Path, capfd: pytest.Capture
     before = weights.stat().st_mtime_ns
     rows_before = json.loads((demo_dir / "results.json").read_text())
     assert cli(["--out", str(demo_dir), "--preset", "test"]) == 0
-    log = capfd.readouterr().err  # the two lanes are child processes: capture at the fd level
+    log = capfd.readouterr().err  # the workers are child processes: capture at the fd level
     stages = demo_module.Demo(demo_dir, load_preset("test")).stages()
     assert log.count("finished earlier, reused") == len(stages)
     assert " ...\n" not in log  # nothing started again
@@ -259,27 +261,62 @@ def test_an_interrupted_world_is_generated_again_not_reused(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries
 
 
-def test_the_two_lanes_split_the_stages_into_the_clean_and_the_delta_chain(tmp_path: Path) -> None:
+def test_the_schedule_takes_up_every_stage_after_the_stages_it_reads_and_the_trainings_first(
+    tmp_path: Path,
+) -> None:
     demo = demo_module.Demo(tmp_path, load_preset("test"), vlm=True)
-    clean, delta = demo.lanes()
-    names = [s.name for s in demo.stages()]
-    assert sorted(clean + delta + ["world"]) == sorted(names)
-    assert "train delta-clip" in delta and "train tecoa" in clean and "train fare" in clean
-    assert not any("delta" in name for name in clean)
-    assert all("delta" in name for name in delta)
+    order = [s.name for s in demo.schedule()]
+    assert sorted(order) == sorted(s.name for s in demo.stages())
+    trainings = [i for i, name in enumerate(order) if name.startswith(("world", "train "))]
+    assert trainings == list(range(len(trainings)))  # each unlocks work: they come first
     stages = {s.name: s for s in demo.stages()}
     # every stage names what it reads: FARE's evaluations need its training, which needs the clean CLIP
     assert (
         stages["zeroshot fare"].needs == ("train fare",)
         and stages["train fare"].needs[-1] == "train clean-clip"
     )
-    assert "train delta2-llava stage2" in delta and "train clean-llava stage1" in clean
-    # each lane trains two VLMs of the same size and evaluates them the same way: the lanes stay as even
-    # as they were with one each; no stage waits for a stage of the other lane
-    assert {"train fare-llava stage2", "mme fare-llava", "scienceqa clean-llava"} <= set(clean)
-    assert {"train delta-llava stage1", "mme delta-llava", "scienceqa delta2-llava"} <= set(delta)
-    for lane in (clean, delta):
-        assert all(need in lane or need == "world" for name in lane for need in stages[name].needs)
+    for position, name in enumerate(order):
+        assert all(order.index(need) < position for need in stages[name].needs), name
+
+
+def _workers(tmp_path: Path, run: str = "run") -> tuple[demo_module.Demo, demo_module.Demo]:
+    """Two workers of one run of the test preset's demo, in this process; the world is done."""
+    one, two = (demo_module.Demo(tmp_path, load_preset("test")) for _ in range(2))
+    one.worker, two.worker = (run, 1), (run, 2)
+    one.ledger.record("world", status="done", run=run, worker=1)  # written before the workers start
+    return one, two
+
+
+def test_workers_take_up_different_stages_and_wait_for_the_ones_a_stage_reads(tmp_path: Path) -> None:
+    one, two = _workers(tmp_path)
+    first, waiting = one._claim()
+    second, _ = two._claim()
+    assert (first.name, second.name) == ("train clean-clip", "train delta-clip") and not waiting
+    assert one._claim() == (None, True)  # every stage left reads one of the two still running
+    one.ledger.record("train clean-clip", status="done")
+    third, _ = two._claim()
+    fourth, _ = one._claim()
+    fifth, _ = one._claim()
+    assert (third.name, fourth.name, fifth.name) == ("train tecoa", "train fare", "train clean-llava stage1")
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert stages["train tecoa"] == {**stages["train tecoa"], "status": "running", "run": "run", "worker": 2}
+
+
+def test_a_stage_whose_input_failed_is_failed_and_a_killed_runs_leftovers_are_taken_up_again(
+    tmp_path: Path,
+) -> None:
+    one, two = _workers(tmp_path, run="new")
+    one.ledger.record("train clean-clip", status="running", run="old", worker=1)  # a killed run's claim
+    first, _ = one._claim()
+    assert first.name == "train clean-clip"
+    two._claim()  # train delta-clip
+    two.ledger.record("train delta-clip", status="failed", error="boom")
+    while (stage := one._claim()[0]) is not None:
+        assert "delta" not in stage.name  # nothing that reads ΔCLIP runs
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert stages["zeroshot delta-clip"]["status"] == "failed"
+    assert stages["zeroshot delta-clip"]["error"] == "needs 'train delta-clip', which failed"
+    assert "zeroshot delta-clip" in one.failed
 
 
 def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_path: Path) -> None:
@@ -300,11 +337,11 @@ def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_p
     assert stages["retrieval clean-clip"]["status"] == "failed"
     assert stages["world"]["status"] == "done"
     report = (tmp_path / "report.md").read_text()
-    assert "| retrieval clean-clip | clean | **failed** |" in report
+    assert "| retrieval clean-clip | – | **failed** |" in report  # run in turn (--only): no worker
     assert "- `retrieval clean-clip`: " in report
 
 
-def test_the_lanes_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_workers_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[list[str]] = []
 
     class Child:
@@ -316,33 +353,44 @@ def test_the_lanes_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(demo_module.subprocess, "Popen", Child)
     demo = demo_module.Demo(tmp_path, dataclasses.replace(load_preset("test"), seed=3))
-    demo._run_lanes()
-    assert len(started) == 2
+    demo._run_workers(3)
+    assert len(started) == 3
     for argv in started:  # each child checks the folder's settings against the seed-3 preset
         assert argv[argv.index("--seeds") + 1] == "3" and argv[argv.index("--out") + 1] == str(tmp_path)
+    workers = [argv[argv.index("--worker") + 1].rpartition("/") for argv in started]
+    assert len({run for run, _, _ in workers}) == 1 and [k for _, _, k in workers] == ["1", "2", "3"]
 
 
-def test_a_lane_process_that_dies_leaves_its_stages_failed_not_missing(
+def test_a_worker_that_dies_leaves_its_stage_and_the_stages_left_failed_not_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class Child:  # the clean lane finishes; the Δ lane's process dies before recording anything
+    demo = demo_module.Demo(tmp_path, load_preset("test"))
+    names = [s.name for s in demo.schedule()]
+    finished = names[: len(names) // 2]
+
+    class Child:  # worker 1 finishes half the stages; worker 2 dies while training ΔCLIP
         def __init__(self, argv: list[str]) -> None:
-            self.delta = "train delta-clip" in argv
+            self.run, _, worker = argv[argv.index("--worker") + 1].rpartition("/")
+            self.worker = int(worker)
 
         def wait(self) -> int:
-            return 1 if self.delta else 0
+            ledger = demo_module.Ledger.load(tmp_path / "stages.json")
+            if self.worker == 1:
+                for name in finished:
+                    if name != "train delta-clip":
+                        ledger.record(name, status="done", run=self.run, worker=1)
+                return 0
+            ledger.record("train delta-clip", status="running", run=self.run, worker=2)
+            return 1
 
     monkeypatch.setattr(demo_module.subprocess, "Popen", Child)
-    demo = demo_module.Demo(tmp_path, load_preset("test"))
-    clean, delta = demo.lanes()
-    for name in clean:
-        demo.ledger.record(name, status="done")
-    demo._run_lanes()
+    demo._run_workers(2)
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert all(stages[name]["status"] == "done" for name in clean)
-    assert all(stages[name]["status"] == "failed" for name in delta)
-    assert stages["train delta-clip"]["error"] == "its lane process exited with status 1"
-    assert set(delta) <= set(demo.failed)
+    assert stages["train delta-clip"]["error"] == "its worker process exited with status 1"
+    left = [name for name in names if name not in finished]
+    assert all(stages[name]["error"] == "not run: a worker process exited with status 1" for name in left)
+    assert all(stages[name]["status"] == "done" for name in finished if name != "train delta-clip")
+    assert {"train delta-clip", *left} == set(demo.failed)
 
 
 def test_seeds_write_one_demo_layout_per_seed_and_one_report(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dvd.demo import Demo
 from dvd.demo_preset import DemoLayout, ReportInputs, load_preset
 from dvd.demo_report import headline, write_report
 from dvd.eval.report import average_rows, markdown_table, plot_clean_vs_robust, plot_metric_vs_eps
@@ -77,14 +76,14 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     tmp_path: Path, delta_clean: float, cost: str
 ) -> None:
     preset = load_preset("test")
-    lanes = Demo(tmp_path, preset, vlm=False).lanes()
-    inputs = ReportInputs(DemoLayout(tmp_path), preset, device="cpu", include_vlm=False, lanes=lanes)
+    inputs = ReportInputs(DemoLayout(tmp_path), preset, device="cpu", include_vlm=False)
     rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", delta_clean, 0.6)
     rows += rows_for("tecoa", 0.7, 0.3) + rows_for("fare", 0.8, 0.2)
     (tmp_path / "results.json").write_text(json.dumps(rows))
     (tmp_path / "stages.json").write_text(
         json.dumps(
-            {"train delta-clip": {"status": "done", "seconds": 12.0, "cpu_seconds": 10.0, "load": 1.0}}
+            {"train delta-clip": {"status": "done", "seconds": 12.0, "cpu_seconds": 10.0, "load": 1.0,
+                                  "worker": 2}}
         )
     )
     report = write_report(inputs, tmp_path / "results.json").read_text()
@@ -93,7 +92,7 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     assert f"| ΔCLIP vs clean CLIP: clean zero-shot cost | ≤ 5.0 pt | {cost} |" in report
     lead = "| ≥ +15.0 pt | 30.0 pt | +15.0 pt | **holds** | delta-clip 60.0% vs tecoa 30.0% attacked |"
     assert lead in report
-    assert "| train delta-clip | Δ | 12 | 10 | 1.0 |" in report
+    assert "| train delta-clip | 2 | 12 | 10 | 1.0 |" in report and "worker 2 12 s" in report
     assert "No example grid" in report  # no trained models in this folder
     assert "**Not run**" in report  # the VLM half was switched off and the report says so
     ratio = "| 3 | Δ²LLaVA vs fare-llava (prior art): attacked CIDEr at 4/255, ratio | ≥ 1.30× | – | – |"

@@ -42,7 +42,6 @@ from dvd.data import shapesworld
 from dvd.demo_preset import (
     ADVERSARIAL_VLMS,
     CLIP_MODELS,
-    DELTA_LANE,
     TARGET_CAPTION,
     VISION_TOWER,
     VLM_EVALS,
@@ -80,7 +79,7 @@ class Demo:
         log: Any = None,
     ) -> None:
         self.out = Path(out)
-        self.wait_for_lanes = False  # a lane's process waits for stages of the other lane it needs
+        self.worker: tuple[str, int] | None = None  # (run, k): this process is worker k of that run
         self.failed: list[str] = []  # stages that raised in this run (recorded, reported, exit status 1)
         self.include_vlm = vlm
         self.threads = threads
@@ -138,35 +137,34 @@ class Demo:
             or (self.final(name).is_dir() and any(self.final(name).iterdir()))
         )
 
-    def lanes(self) -> list[list[str]]:
-        """Two independent chains of stages after the world: the clean models (the baselines fine-tuned
-        from the clean CLIP and the VLMs on their towers) and the Δ models (ΔCLIP and the two VLMs on it);
-        ``--jobs 2`` runs them side by side, one core each."""
-        names = [s.name for s in self.stages() if s.name != "world"]
-        delta = [n for n in names if n.split()[1] in DELTA_LANE]
-        return [[n for n in names if n not in delta], delta]
+    def schedule(self) -> list[Stage]:
+        """The stages in the order ``--jobs N``'s workers take them up: the trainings first (each unlocks
+        the evaluations of its model and the trainings on top of it), in the plan's order, then the
+        evaluations. A stage's inputs always come earlier in this order."""
+        return sorted(self.stages(), key=lambda stage: not stage.name.startswith(("world", "train ")))
 
     def run(self, *, only: Sequence[str] = (), jobs: int = 1, report: bool = True) -> dict[str, Any]:
         """Run every unfinished stage (or those whose names start with one of ``only``), then the report.
 
-        ``jobs=2`` runs the two :meth:`lanes` in two child processes (``dvd demo --only ...``) after the
-        world is written; each child runs its stages exactly as ``jobs=1`` would.
+        ``jobs=N`` writes the world, then starts N worker processes (``dvd demo --worker``) that take up
+        the remaining stages one at a time (:meth:`schedule`), each as soon as its inputs are done.
         """
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         total = time.perf_counter()
-        if jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
+        if self.worker is not None:
+            self._work()
+        elif jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
             self._run_stages(["world"])
-            self._run_lanes()
-        else:  # in turn, or nothing left to run (no lane processes to start just to reuse everything)
+            self._run_workers(jobs)
+        else:  # in turn, or nothing left to run (no worker processes to start just to reuse everything)
             self._run_stages(only)
         if not report:
             return {}
-        self.ledger = Ledger.load(self.ledger.path)  # the lanes recorded their stages
+        self.ledger = Ledger.load(self.ledger.path)  # the workers recorded their stages
         results = self.collect_results()
         tick = time.perf_counter()
-        inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm,
-                              lanes=self.lanes())
+        inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
         report_path = write_report(inputs, results)
         self.ledger.record(
             "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=now()
@@ -174,18 +172,17 @@ class Demo:
         self._say(f"[demo] report written to {report_path} ({time.perf_counter() - total:.0f} s this run)")
         return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
 
-    def _run_lanes(self) -> None:
+    def _run_workers(self, jobs: int) -> None:
+        run = f"{os.getpid()}-{time.time_ns()}"  # tells this run's claims from a killed run's leftovers
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
-                "--device", self.device, "--threads", str(self.threads), "--no-report", "--lane",
+                "--device", self.device, "--threads", str(self.threads), "--no-report",
                 "--seeds", str(self.preset.seed)]
         if not self.include_vlm:
             argv.append("--no-vlm")
         children = []
-        lanes = [lane for lane in self.lanes() if lane]
         try:
-            for lane in lanes:
-                only = [arg for name in lane for arg in ("--only", name)]
-                children.append(subprocess.Popen(argv + only))
+            for worker in range(1, jobs + 1):
+                children.append(subprocess.Popen([*argv, "--worker", f"{run}/{worker}"]))
             codes = [child.wait() for child in children]
         except KeyboardInterrupt:
             for child in children:  # they got the same Ctrl-C; let them record where they stopped
@@ -193,35 +190,83 @@ class Demo:
             raise
         if any(code == 130 for code in codes):
             raise KeyboardInterrupt
-        self.ledger = Ledger.load(self.ledger.path)
-        for lane, code in zip(lanes, codes, strict=True):
-            self._record_lost(lane, code)
+        self._record_lost(run, codes)
         self.failed += [n for n, info in self.ledger.entries.items() if info.get("status") == "failed"]
 
-    def _record_lost(self, lane: Sequence[str], code: int) -> None:
-        """A lane process that died (exit status ``code``) before finishing its stages: those stages are
-        recorded as failed, so the report and the exit status say so instead of leaving them out."""
-        if code == 0:
+    def _record_lost(self, run: str, codes: Sequence[int]) -> None:
+        """After the workers of ``run`` exited (statuses ``codes``, worker k's at k - 1): a stage a dead
+        worker was running, and any stage no worker took up, is recorded as failed, so the report and the
+        exit status say so instead of leaving it out."""
+        if not any(codes):
             return
-        for name in lane:
-            if self.ledger.entries.get(name, {}).get("status") not in ("done", "failed"):
-                self.ledger.record(name, status="failed", error=f"its lane process exited with status {code}",
-                                   finished=now())
+        dead = next(code for code in codes if code)
+        with self.ledger.locked() as entries:
+            for stage in self.stages():
+                entry = entries.get(stage.name, {})
+                if entry.get("run") == run and entry.get("status") == "running":
+                    code = codes[entry["worker"] - 1]
+                    error = f"its worker process exited with status {code}"
+                elif entry.get("run") != run and not stage.done():
+                    error = f"not run: a worker process exited with status {dead}"
+                else:
+                    continue
+                entries[stage.name] = {**entry, "status": "failed", "error": error, "finished": now()}
+
+    def _work(self) -> None:
+        """One worker of ``--jobs N``: take up the next stage no worker of this run has taken whose inputs
+        are done, run it, repeat; wait while every stage left needs one still running; stop when none is
+        left."""
+        while True:
+            stage, waiting = self._claim()
+            if stage is not None:
+                self._run_stage(stage)
+            elif waiting:
+                time.sleep(1)
+            else:
+                return
+
+    def _claim(self) -> tuple[Stage | None, bool]:
+        """Under the ledger's lock: the first stage of :meth:`schedule` that is free to run, marked as this
+        worker's (None if there is none), and whether some stage is left that waits for a running one. A
+        stage whose input failed in this run is recorded as failed; one finished earlier as reused."""
+        assert self.worker is not None
+        run, worker = self.worker
+        waiting = False
+        with self.ledger.locked() as entries:
+            for stage in self.schedule():
+                entry = entries.get(stage.name, {})
+                if entry.get("run") == run:
+                    continue  # taken by a worker of this run: running, done or failed
+                if stage.done():
+                    if entry.get("status") != "done":
+                        entries[stage.name] = {"status": "done", "seconds": None, "reused": True}
+                    continue
+                needs = {need: entries.get(need, {}) for need in stage.needs}
+                failed = [n for n, e in needs.items() if e.get("run") == run and e.get("status") == "failed"]
+                if failed:
+                    entries[stage.name] = {"status": "failed", "error": f"needs {failed[0]!r}, which failed",
+                                           "run": run, "worker": worker, "finished": now()}
+                    self.failed.append(stage.name)
+                    self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
+                    continue
+                if all(e.get("status") == "done" for e in needs.values()):
+                    entries[stage.name] = {"status": "running", "started": now(), "run": run,
+                                           "worker": worker}
+                    return stage, waiting
+                waiting = True
+        return None, waiting
 
     def _needs_met(self, stage: Stage) -> bool:
-        """Whether the stages ``stage`` reads from are done; a lane waits for the other lane's."""
-        while True:
-            self.ledger = Ledger.load(self.ledger.path)
-            status = {need: self.ledger.entries.get(need, {}).get("status") for need in stage.needs}
-            failed = [need for need, state in status.items() if state == "failed"]
-            if failed:
-                self.ledger.record(stage.name, status="failed", error=f"needs {failed[0]!r}, which failed")
-                self.failed.append(stage.name)
-                self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
-                return False
-            if all(state == "done" for state in status.values()) or not self.wait_for_lanes:
-                return True
-            time.sleep(2)
+        """Whether the stages ``stage`` reads from are done; one that failed fails it too."""
+        self.ledger = Ledger.load(self.ledger.path)
+        status = {need: self.ledger.entries.get(need, {}).get("status") for need in stage.needs}
+        failed = [need for need, state in status.items() if state == "failed"]
+        if failed:
+            self.ledger.record(stage.name, status="failed", error=f"needs {failed[0]!r}, which failed")
+            self.failed.append(stage.name)
+            self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
+            return False
+        return True
 
     def _run_stages(self, only: Sequence[str]) -> None:
         for stage in self.stages():
@@ -234,24 +279,28 @@ class Demo:
                     self.ledger.record(stage.name, status="done", seconds=None, reused=True)
                 self._say(f"[demo] {stage.name}: finished earlier, reused")
                 continue
-            self._say(f"[demo] {stage.name} ...")
-            tick, cpu = time.perf_counter(), time.process_time()
             self.ledger.record(stage.name, status="running", started=now())
-            try:
-                stage.run()
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # noqa: BLE001 - one broken stage must not lose the others' results
-                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                self.ledger.record(stage.name, status="failed", error=message[:300], finished=now())
-                self.failed.append(stage.name)
-                self._say(f"[demo] {stage.name}: FAILED ({message}); going on with the other stages")
-                continue
-            seconds = round(time.perf_counter() - tick, 1)
-            cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
-            self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
-                               load=load_average(), finished=now())
-            self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
+            self._run_stage(stage)
+
+    def _run_stage(self, stage: Stage) -> None:
+        """Run one stage (already recorded as running) and record how it ended and what it cost."""
+        self._say(f"[demo] {stage.name} ...")
+        tick, cpu = time.perf_counter(), time.process_time()
+        try:
+            stage.run()
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one broken stage must not lose the others' results
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            self.ledger.record(stage.name, status="failed", error=message[:300], finished=now())
+            self.failed.append(stage.name)
+            self._say(f"[demo] {stage.name}: FAILED ({message}); going on with the other stages")
+            return
+        seconds = round(time.perf_counter() - tick, 1)
+        cpu_seconds = round(time.process_time() - cpu, 1)  # all threads of this process
+        self.ledger.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu_seconds,
+                           load=load_average(), finished=now())
+        self._say(f"[demo] {stage.name}: done in {seconds:.0f} s")
 
     def collect_results(self) -> Path:
         """Merge every stage's result rows into ``OUT/results.json``, with the zero-shot mean over the
@@ -446,16 +495,16 @@ def cli(argv: Sequence[str]) -> int:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the tiny models)"
     )
     parser.add_argument("--no-vlm", action="store_true", help="skip the LLaVA half (CLIP models only)")
-    parser.add_argument("--jobs", type=int, default=2, help="run the clean and the Δ chains side by side "
-                        "(default 2; 1: in turn)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes that run the stages side by "
+                        "side, one core each (default 2; 1: in turn)")
     parser.add_argument(
         "--seeds",
         default=None,
         help="comma-separated seeds, e.g. 0,1,2: one demo per seed in OUT/seed-<s>/ and one report over "
         "them in OUT (default: the preset's seed, the demo in OUT itself)",
     )
-    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the lanes' children
-    parser.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the workers
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # RUN/K: worker K of run RUN
     parser.add_argument("--only", action="append", default=[], help="run only stages starting with this")
     args = parser.parse_args(list(argv))
     preset = load_preset(args.preset)
@@ -469,7 +518,9 @@ def cli(argv: Sequence[str]) -> int:
     def run_one(out: str | Path, seed: int) -> dict[str, Any]:
         demo = Demo(out, dataclasses.replace(preset, seed=seed), device=resolve_device(args.device),
                     vlm=not args.no_vlm, threads=args.threads)
-        demo.wait_for_lanes = args.lane
+        if args.worker is not None:
+            run, _, worker = args.worker.rpartition("/")
+            demo.worker = (run, int(worker))
         summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
         failed.extend(f"{name} (seed {seed})" if len(seeds) > 1 else name for name in demo.failed)
         return summary

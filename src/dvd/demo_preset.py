@@ -28,9 +28,6 @@ VISION_TOWER = {  # the CLIP each VLM is built on
     "delta2-llava": "delta-clip",
 }
 ADVERSARIAL_VLMS = ("delta2-llava",)
-# the models whose stages form the Δ lane of ``dvd demo --jobs 2`` (the rest: the clean lane); each lane
-# trains two VLMs, so the lanes stay as even as they were with one each (benchmarks/README.md)
-DELTA_LANE = ("delta-clip", "delta-llava", "delta2-llava")
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
 TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
@@ -199,4 +196,3 @@ class ReportInputs:
     preset: DemoPreset
     device: str
     include_vlm: bool
-    lanes: list[list[str]]  # the clean and the Δ chains of stages (``dvd demo --jobs 2``)

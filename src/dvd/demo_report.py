@@ -402,20 +402,19 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         f"L∞ eps {', '.join(p.eps)}, images in [0, 1] (normalisation inside the model)."
     )
     lines.append(
-        "\nTime per stage, from the run that finished it: wall clock, CPU time of the process that ran it "
-        "(all its threads; on an otherwise idle machine wall ≈ CPU with `--threads 1`) and the machine's "
-        "1-minute load average when the stage ended (`reused` = finished by an earlier run). With `--jobs 2` "
-        "the clean lane and the Δ lane run side by side, one process each.\n"
+        "\nTime per stage, in the order the stages were first taken up, from the run that finished it: wall "
+        "clock, CPU time of the process that ran it (all its threads; on an otherwise idle machine wall ≈ "
+        "CPU with `--threads 1`) and the machine's 1-minute load average when the stage ended (`reused` = "
+        "finished by an earlier run). With `--jobs N`, N worker processes take up the stages side by side, "
+        "each stage as soon as the ones it reads are done; `worker` says which ran it.\n"
     )
-    lines.append("| stage | lane | wall s | CPU s | load |")
+    lines.append("| stage | worker | wall s | CPU s | load |")
     lines.append("|---|---|---|---|---|")
-    clean_lane, delta_lane = inputs.lanes
-    order = {name: i for i, name in enumerate(["world", *clean_lane, *delta_lane])}
-    cpu_total, lane_wall = 0.0, {"clean": 0.0, "Δ": 0.0, "–": 0.0}
-    for name, info in sorted(stages.items(), key=lambda item: order.get(item[0], len(order))):
+    cpu_total, worker_wall = 0.0, {}
+    for name, info in stages.items():
         if name == "report":
             continue
-        lane = "clean" if name in clean_lane else "Δ" if name in delta_lane else "–"
+        worker = str(info.get("worker", "–"))
         seconds, cpu, load = info.get("seconds"), info.get("cpu_seconds"), info.get("load")
         if info.get("status") == "failed":
             cells = ["**failed**", "", ""]
@@ -424,14 +423,14 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         elif seconds is None:
             cells = ["reused", "", ""]
         else:
-            lane_wall[lane] += float(seconds)
+            worker_wall[worker] = worker_wall.get(worker, 0.0) + float(seconds)
             cpu_total += float(cpu or 0.0)
             cells = [
                 f"{seconds:.0f}",
                 "–" if cpu is None else f"{cpu:.0f}",
                 "–" if load is None else f"{load:.1f}",
             ]
-        lines.append(f"| {name} | {lane} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {worker} | " + " | ".join(cells) + " |")
     lines.append(f"| **all stages** | | | **{cpu_total:.0f}** | |\n")
     failed = {n: i.get("error", "") for n, i in stages.items() if i.get("status") == "failed"}
     if failed:
@@ -441,9 +440,12 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         lines += [f"- `{name}`: {error}" for name, error in failed.items()]
         lines.append("")
     elapsed = _elapsed(stages)
+    busy = ", ".join(
+        f"{'the parent process (before the workers)' if w == '–' else f'worker {w}'} {t:.0f} s"
+        for w, t in sorted(worker_wall.items(), key=lambda item: (item[0] != "–", item[0]))
+    )
     lines.append(
-        f"Wall time per lane: clean {lane_wall['clean']:.0f} s, Δ {lane_wall['Δ']:.0f} s, plus "
-        f"{lane_wall['–']:.0f} s before the lanes start"
+        f"Busy wall time: {busy or 'none recorded'}"
         + (f"; first stage start to last stage end: **{elapsed / 60:.1f} min**" if elapsed else "")
         + ".\n"
     )

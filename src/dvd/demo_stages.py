@@ -42,14 +42,21 @@ class Ledger:
     def finished(self, name: str) -> bool:
         return self.entries.get(name, {}).get("status") == "done"
 
-    def record(self, name: str, **info: Any) -> None:
-        """Update one stage's entry; safe when the demo's parallel lanes record at the same time."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """The entries as on disk, under the ledger's lock, written back when the block ends: a
+        read-modify-write that the demo's parallel workers cannot interleave."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.entries = read_json(self.path) if self.path.is_file() else {}
-            self.entries[name] = {**self.entries.get(name, {}), **info}
+            yield self.entries
             write_json(self.path, self.entries)
+
+    def record(self, name: str, **info: Any) -> None:
+        """Update one stage's entry; safe when the demo's parallel workers record at the same time."""
+        with self.locked() as entries:
+            entries[name] = {**entries.get(name, {}), **info}
 
 
 def check(code: int, what: str) -> None:
