@@ -440,8 +440,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         lines += [f"- `{name}`: {error}" for name, error in failed.items()]
         lines.append("")
     elapsed = _elapsed(stages)
+    outside = "outside the workers (the world, and stages run in turn)"
     busy = ", ".join(
-        f"{'the parent process (before the workers)' if w == '–' else f'worker {w}'} {t:.0f} s"
+        f"{outside if w == '–' else f'worker {w}'} {t:.0f} s"
         for w, t in sorted(worker_wall.items(), key=lambda item: (item[0] != "–", item[0]))
     )
     lines.append(
