@@ -361,6 +361,29 @@ def test_the_workers_of_a_seed_run_with_that_seed(tmp_path: Path, monkeypatch: p
     assert len({run for run, _, _ in workers}) == 1 and [k for _, _, k in workers] == ["1", "2", "3"]
 
 
+def test_a_stage_that_fails_in_a_worker_is_counted_as_failed_by_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = demo_module.Demo(tmp_path, load_preset("test"))
+
+    class Child:  # worker 1 runs every stage and one of them raises; both workers exit normally
+        def __init__(self, argv: list[str]) -> None:
+            self.run, _, worker = argv[argv.index("--worker") + 1].rpartition("/")
+            self.worker = int(worker)
+
+        def wait(self) -> int:
+            if self.worker == 1:
+                ledger = demo_module.Ledger.load(tmp_path / "stages.json")
+                for stage in demo.schedule():
+                    status = "failed" if stage.name == "zeroshot fare" else "done"
+                    ledger.record(stage.name, status=status, run=self.run, worker=1)
+            return 0
+
+    monkeypatch.setattr(demo_module.subprocess, "Popen", Child)
+    demo._run_workers(2)
+    assert demo.failed == ["zeroshot fare"]
+
+
 def test_a_worker_that_dies_leaves_its_stage_and_the_stages_left_failed_not_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -191,6 +191,7 @@ class Demo:
         if any(code == 130 for code in codes):
             raise KeyboardInterrupt
         self._record_lost(run, codes)
+        self.ledger = Ledger.load(self.ledger.path)  # the workers recorded their stages
         self.failed += [n for n, info in self.ledger.entries.items() if info.get("status") == "failed"]
 
     def _record_lost(self, run: str, codes: Sequence[int]) -> None:
