@@ -245,10 +245,8 @@ class Demo:
                 needs = {need: entries.get(need, {}) for need in stage.needs}
                 failed = [n for n, e in needs.items() if e.get("run") == run and e.get("status") == "failed"]
                 if failed:
-                    entries[stage.name] = {"status": "failed", "error": f"needs {failed[0]!r}, which failed",
+                    entries[stage.name] = {"status": "failed", "error": self._skip(stage, failed[0]),
                                            "run": run, "worker": worker, "finished": now()}
-                    self.failed.append(stage.name)
-                    self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
                     continue
                 if all(e.get("status") == "done" for e in needs.values()):
                     entries[stage.name] = {"status": "running", "started": now(), "run": run,
@@ -263,11 +261,15 @@ class Demo:
         status = {need: self.ledger.entries.get(need, {}).get("status") for need in stage.needs}
         failed = [need for need, state in status.items() if state == "failed"]
         if failed:
-            self.ledger.record(stage.name, status="failed", error=f"needs {failed[0]!r}, which failed")
-            self.failed.append(stage.name)
-            self._say(f"[demo] {stage.name}: skipped, it needs {failed[0]!r}, which failed")
+            self.ledger.record(stage.name, status="failed", error=self._skip(stage, failed[0]))
             return False
         return True
+
+    def _skip(self, stage: Stage, need: str) -> str:
+        """Count ``stage`` as failed because its input ``need`` failed, say so; the ledger's error text."""
+        self.failed.append(stage.name)
+        self._say(f"[demo] {stage.name}: skipped, it needs {need!r}, which failed")
+        return f"needs {need!r}, which failed"
 
     def _run_stages(self, only: Sequence[str]) -> None:
         for stage in self.stages():
