@@ -282,6 +282,46 @@ def test_augment_false_trains_on_the_images_exactly_as_stored_and_true_crops_the
         assert all(exact) if not augment else sum(exact) <= len(exact) // 2, (augment, exact)
 
 
+@pytest.mark.parametrize("recipe", ["clean", "fare"])
+def test_in_memory_keeps_streamed_samples_bit_for_bit_and_reads_epochs_in_seeded_order(recipe, shapesworld):
+    from dvd.models.clip import create_clip
+    from dvd.train.clip_data import build_dataset, make_loader_factory
+
+    clip = create_clip("dvd-tiny-vit")
+    common = [f"data={shapesworld}", f"recipe={recipe}", "augment=false", "batch_size=4", "pretrained=x"]
+    streamed, _, _ = build_dataset(load_config(ClipTrainConfig, None, [*common, "shuffle_buffer=0"]), clip)
+    cfg = check_config(load_config(ClipTrainConfig, None, [*common, "in_memory=true"]))
+    kept, collate, _ = build_dataset(cfg, clip)
+    pairs = list(streamed)
+    assert len(kept) == len(pairs) and kept.images.dtype == torch.uint8
+    for (image, target), i in zip(pairs, range(len(kept)), strict=True):
+        assert torch.equal(kept[i][0], image) and kept[i][1] == target  # bit for bit, nothing lost
+
+    make = make_loader_factory(kept, cfg=cfg, env=DistEnv(), collate=collate)
+    def epoch(segment):
+        return torch.cat([b if recipe == "fare" else b[0] for b in make(segment)]).flatten(1)
+
+    first, again, second = epoch(0), epoch(0), epoch(1)
+    assert torch.equal(first, again) and not torch.equal(first, second)  # seeded, reshuffled per epoch
+    assert sorted(map(bytes, first.numpy())) == sorted(map(bytes, second.numpy()))  # the same samples
+
+
+def test_in_memory_trains_and_refuses_what_it_cannot_keep(shapesworld, tmp_path):
+    summary = run(shapesworld, tmp_path, "recipe=clean", "steps=2", "augment=false", "in_memory=true")
+    assert summary["step"] == 2
+    for clash in ("augment=true", "resampled=true", "batch_group_by=[color]"):
+        with pytest.raises(ConfigError, match="in_memory=true reads the set once.*turn it off"):
+            check_config(_cfg("in_memory=true", "augment=false", clash))
+
+
+def test_in_memory_refuses_images_that_are_not_8_bit():
+    from dvd.data.in_memory import InMemory
+
+    assert torch.equal(InMemory([(torch.full((3, 2, 2), 7 / 255), 0)])[0][0], torch.full((3, 2, 2), 7 / 255))
+    with pytest.raises(ValueError, match="not multiples of 1/255"):
+        InMemory([(torch.full((3, 2, 2), 0.5), 0)])
+
+
 def test_unknown_recipe_is_an_error_with_a_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'delta'"):
         check_config(_cfg("recipe=detla"))

@@ -193,6 +193,23 @@ def test_a_karpathy_split_file_gives_its_training_captions_as_stage1_samples(wor
     assert data[0]["image"].shape == (3, 32, 32) and data.skipped == 0
 
 
+def test_each_conversation_is_tokenised_once_and_the_collator_reuses_it(world, tmp_path):
+    cfg = tiny_config(world, tmp_path, "stage=2")
+    source = resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2)
+    vlm = build_vlm(cfg, source)
+    collator = vlm.collator()
+    data = build_conversations(source, image_size=32, collator=collator, caption_prompt="")
+    calls = []
+    encode = collator.encode
+    collator.encode = lambda turns: calls.append(1) or encode(turns)
+    samples = [data[i] for i in range(4)]
+    for _epoch in range(3):
+        batch = collator([data[i] for i in range(4)])[1]
+    assert len(calls) == 4  # the first read of each sample, never again (later epochs, collation)
+    plain = [{"image": s["image"], "conversations": s["conversations"]} for s in samples]
+    assert torch.equal(collator(plain)[1].input_ids, batch.input_ids)  # the same batch as encoding anew
+
+
 def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_are_skipped(world, tmp_path):
     root = world / "sw"
     source = resolve_source(str(root / "captions" / "annotations.json"), "auto", str(root / "images"), 1)

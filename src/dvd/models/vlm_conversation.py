@@ -230,7 +230,8 @@ class VLMCollator:
         return self._pad(encoded, left=True)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, VLMBatch]:
-        """DataLoader ``collate_fn`` for ``{"image", "conversations"}`` samples.
+        """DataLoader ``collate_fn`` for ``{"image", "conversations"}`` samples (with ``"encoded"``: their
+        ``encode`` result, reused).
 
         Samples with a malformed conversation or no image (unreadable, or text-only) are skipped and
         counted in ``skipped``.
@@ -240,7 +241,10 @@ class VLMCollator:
             try:
                 if sample.get("image") is None:
                     raise ValueError("no image")
-                encoded.append(self.encode(conversation_turns(sample["conversations"])))
+                tokens = sample.get("encoded")  # already encoded by the dataset (training reads it once)
+                if tokens is None:
+                    tokens = self.encode(conversation_turns(sample["conversations"]))
+                encoded.append(tokens)
             except (ValueError, KeyError, TypeError) as error:
                 if isinstance(error, ConfigError):
                     raise

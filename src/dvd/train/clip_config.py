@@ -39,6 +39,9 @@ class ClipTrainConfig(CommonTrainConfig):
     resampled: bool = False
     shuffle_buffer: int = 1000
     augment: bool = True  # open_clip's RandomResizedCrop(scale 0.9-1); false: images as they are, resized
+    # read and decode the whole training set once, keep it in RAM (8-bit) and read each epoch in a seeded
+    # order: sets that fit in RAM (ShapesWorld); needs augment=false, resampled=false, batch_group_by []
+    in_memory: bool = False
     # hard-negative batches (clean/delta on shards with KEY.json): this share of the batches holds samples
     # that agree on these KEY.json attributes, e.g. [color] (dvd.train.clip_groups); [] = random batches
     batch_group_by: list[str] = field(default_factory=list)
@@ -113,6 +116,14 @@ def check_config(cfg: ClipTrainConfig) -> ClipTrainConfig:
         raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         raise ConfigError(f"weight_decay must be a number >= 0, got {cfg.weight_decay}")
+    if cfg.in_memory:
+        clash = [name for name, on in (("augment", cfg.augment), ("resampled", cfg.resampled),
+                                        ("batch_group_by", bool(cfg.batch_group_by))) if on]
+        if clash:
+            raise ConfigError(
+                f"in_memory=true reads the set once and keeps each image as transformed then, which "
+                f"{' and '.join(clash)} cannot work with; turn it off or set in_memory=false"
+            )
     if cfg.clean_loss_weight < 0:
         raise ConfigError(f"clean_loss_weight must be >= 0, got {cfg.clean_loss_weight}")
     if cfg.recipe in ("tecoa", "fare") and cfg.pretrained is None and not Path(cfg.model).is_dir():

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvd.config import ConfigError, suggest
 from dvd.data.image_text import CorruptSample, CsvImageText, ShardStream, image_text_shards
+from dvd.data.in_memory import InMemory
 from dvd.data.shapesworld_formats import ZEROSHOT_TASKS
 from dvd.data.transforms import image_transform
 from dvd.data.zeroshot import load_zeroshot
@@ -152,8 +153,20 @@ def build_dataset(
 ) -> tuple[Any, Callable[[Sequence[Any]], Any], dict[str, Any]]:
     """(dataset, collate, info) for the recipe: pairs for clean/delta, labels for tecoa, images for fare.
 
-    ``info`` carries ``classnames``/``templates`` for tecoa.
+    ``info`` carries ``classnames``/``templates`` for tecoa. With ``in_memory`` the whole set is read
+    and decoded here, once (every rank reads all of it; the loader splits each epoch's order).
     """
+    data, collate, info = _stream_dataset(cfg, clip)
+    if cfg.in_memory:
+        if isinstance(data, ShardStream):
+            data.split_by_node, data.shuffle = False, 0
+        data = InMemory(data, name=str(cfg.data))
+    return data, collate, info
+
+
+def _stream_dataset(
+    cfg: ClipTrainConfig, clip: DvdCLIP
+) -> tuple[Any, Callable[[Sequence[Any]], Any], dict[str, Any]]:
     kind = detect_format(cfg)
     transform = image_transform(clip.image_size, train=cfg.augment)
     shuffle = cfg.shuffle_buffer

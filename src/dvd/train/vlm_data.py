@@ -94,7 +94,8 @@ class Conversations(Dataset):
     LLaVA items keep their conversations; COCO and Karpathy items give one sample per (image, reference
     caption), asked with ``caption_prompt``. A sample whose image is unreadable (the reader returns None) or
     whose conversation the collator cannot encode is skipped, counted once in ``skipped`` however
-    often it is read (epochs, resume), and warned about (the first three).
+    often it is read (epochs, resume), and warned about (the first three). Each conversation is tokenised
+    once (item ``"encoded"``, which the collator reuses), not again in every epoch.
     """
 
     def __init__(self, reader: Any, index: Sequence[tuple[int, int]], *, kind: str, collator: VLMCollator,
@@ -105,6 +106,7 @@ class Conversations(Dataset):
         self.collator = collator
         self.caption_prompt = caption_prompt
         self.skipped_indices: set[int] = set()
+        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenised once, reused every epoch
 
     @property
     def skipped(self) -> int:
@@ -124,16 +126,19 @@ class Conversations(Dataset):
             conversation = make_conversation(self.caption_prompt, item["captions"][caption])
         else:
             conversation = item["conversations"]
-        try:
-            self.collator.encode(conversation_turns(conversation))
-        except ConfigError:
-            raise
-        except (ValueError, KeyError, TypeError) as error:
-            if i not in self.skipped_indices and self.skipped < 3:
-                log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
-            self.skipped_indices.add(i)
-            return None
-        return {"image": item["image"], "conversations": conversation}
+        encoded = self._encoded.get(i)
+        if encoded is None:
+            try:
+                encoded = self.collator.encode(conversation_turns(conversation))
+            except ConfigError:
+                raise
+            except (ValueError, KeyError, TypeError) as error:
+                if i not in self.skipped_indices and self.skipped < 3:
+                    log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
+                self.skipped_indices.add(i)
+                return None
+            self._encoded[i] = encoded
+        return {"image": item["image"], "conversations": conversation, "encoded": encoded}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
