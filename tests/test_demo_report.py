@@ -100,6 +100,26 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
 
 
+def test_the_span_of_a_rerun_that_reuses_stages_times_the_last_run_alone() -> None:
+    from dvd.demo_report import _elapsed
+
+    def stage(run: str | None, start: str, end: str) -> dict:
+        day = "2026-12-01"
+        return {"status": "done", "run": run, "started": f"{day} {start}", "finished": f"{day} {end}",
+                "seconds": 1.0}
+
+    stages = {
+        "world": stage(None, "10:00:00", "10:01:00"),
+        "train clean-clip": stage(None, "10:01:00", "10:30:00"),
+        "train fare": stage("b", "12:00:00", "12:05:00"),
+        "zeroshot fare": stage("b", "12:05:00", "12:12:30"),
+        "report": {"status": "done", "run": None, "started": None, "finished": "2026-12-01 12:13:00",
+                   "seconds": 5.0},
+    }
+    assert _elapsed(stages) == (750.0, 2)  # 12:00 to 12:12:30; the two stages of the earlier run left out
+    assert _elapsed({k: v for k, v in stages.items() if v["run"] is None}) == (1800.0, 0)
+
+
 def test_a_vlm_answering_one_word_to_every_pope_question_gets_a_note_naming_why() -> None:
     from dvd.demo_report import _pope_notes
 

@@ -445,11 +445,13 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         f"{outside if w == '–' else f'worker {w}'} {t:.0f} s"
         for w, t in sorted(worker_wall.items(), key=lambda item: (item[0] != "–", item[0]))
     )
-    lines.append(
-        f"Busy wall time: {busy or 'none recorded'}"
-        + (f"; first stage start to last stage end: **{elapsed / 60:.1f} min**" if elapsed else "")
-        + ".\n"
-    )
+    span = ""
+    if elapsed is not None:
+        seconds, earlier = elapsed
+        span = f"; first stage start to last stage end: **{seconds / 60:.1f} min**"
+        if earlier:
+            span += f" (the last run alone; {earlier} stages were finished by earlier runs)"
+    lines.append(f"Busy wall time: {busy or 'none recorded'}{span}.\n")
     lines.append(
         f"Reproduce: `dvd demo --out {inputs.layout.out} --preset {p.name}` (a re-run reuses finished "
         f"stages). All result rows: `results.json`; stage configs: `configs/`.\n"
@@ -457,18 +459,22 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _elapsed(stages: dict[str, dict[str, Any]]) -> float | None:
-    """Seconds from the earliest recorded stage start to the latest stage end (None if unknown)."""
+def _elapsed(stages: dict[str, dict[str, Any]]) -> tuple[float, int] | None:
+    """(seconds from the first stage start to the last stage end of the run that finished last, how many
+    stages earlier runs finished), or None if unknown. A re-run that reuses stages is timed alone."""
     def parse(text: str) -> datetime.datetime:
         return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
 
-    starts = [
-        parse(i["started"]) for i in stages.values() if i.get("started") and i.get("seconds") is not None
+    timed = [
+        i for name, i in stages.items()
+        if name != "report" and i.get("started") and i.get("finished") and i.get("seconds") is not None
     ]
-    ends = [parse(i["finished"]) for i in stages.values() if i.get("finished")]
-    if not starts or not ends:
+    if not timed:
         return None
-    return (max(ends) - min(starts)).total_seconds()
+    last_run = max(timed, key=lambda i: parse(i["finished"])).get("run")
+    mine = [i for i in timed if i.get("run") == last_run]
+    span = max(parse(i["finished"]) for i in mine) - min(parse(i["started"]) for i in mine)
+    return span.total_seconds(), len(timed) - len(mine)
 
 
 def _rel(path: Path, root: Path) -> str:
