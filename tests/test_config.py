@@ -16,6 +16,7 @@ def test_eps_fraction_and_decimal_mean_the_same_budget():
     assert parse_eps("4/255") == pytest.approx(4 / 255)
     assert parse_eps("0.0157") == pytest.approx(0.0157)
     assert parse_eps("4", unit=255) == pytest.approx(4 / 255)
+    assert parse_eps("1.5/255") == 1.5 / 255 and parse_eps("4/255") == 4 / 255  # a decimal numerator too
 
 
 def test_eps_above_one_without_unit_is_refused_with_the_fix():
@@ -23,7 +24,7 @@ def test_eps_above_one_without_unit_is_refused_with_the_fix():
         parse_eps("4")
 
 
-@pytest.mark.parametrize("text", ["abc", "1/0", "-0.1", "nan", ""])
+@pytest.mark.parametrize("text", ["abc", "1/0", "-0.1", "nan", "", "1/2/3", "nan/255", "1/-255", "/255"])
 def test_eps_garbage_is_a_config_error(text):
     with pytest.raises(ConfigError):
         parse_eps(text)

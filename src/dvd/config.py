@@ -40,12 +40,13 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
 def parse_eps(value: str | float | int, unit: float | None = None) -> float:
     """A perturbation budget in pixel units ([0, 1] images).
 
-    Accepts ``"4/255"``, ``"0.0157"`` or, with an explicit ``unit=255``, ``"4"``. A bare value above
-    1 without a unit is refused: it would silently mean "every pixel may change completely".
+    Accepts ``"4/255"``, ``"1.5/255"``, ``"0.0157"`` or, with an explicit ``unit=255``, ``"4"``. A bare value
+    above 1 without a unit is refused: it would silently mean "every pixel may change completely".
     """
     text = str(value).strip()
     try:
-        eps = float(Fraction(text)) if "/" in text else float(text)
+        numerator, slash, denominator = text.partition("/")
+        eps = float(numerator) / float(denominator) if slash else float(text)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"eps {text!r} is not a number; write e.g. 4/255 or 0.0157") from None
     if unit is not None:
