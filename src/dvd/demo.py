@@ -410,8 +410,8 @@ class Demo:
         else:
             cfg["init"] = str(self.final(f"{name}-stage1"))
         if not cfg["adversarial"]:
-            cfg.pop("attack_steps", None)
-            cfg.pop("attack_step_size", None)
+            for key in ("eps", "attack_steps", "attack_step_size"):
+                cfg.pop(key, None)
         return cfg
 
     def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:

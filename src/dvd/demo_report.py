@@ -23,6 +23,7 @@ from dvd.eval.report import (
     markdown_table,
 )
 from dvd.io import atomic_write, read_json
+from dvd.train.vlm_config import VlmTrainConfig
 
 Row = dict[str, Any]
 # the report's VLM tables keep to these (results.json has every metric)
@@ -219,8 +220,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
     lines.append(
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
         "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
-        "(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps 4/255 on every training batch of both "
-        f"stages). Evaluated on {p.vlm_eval.limit} held-out images / questions, attacks with "
+        f"(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on every training "
+        f"batch of both stages). Evaluated on {p.vlm_eval.limit} held-out images / questions, attacks with "
         f"{p.vlm_eval.steps} steps; targeted attacks on {p.targeted.limit} images with {p.targeted.steps} "
         f"steps; ScienceQA on {p.scienceqa.limit} image and {p.scienceqa.limit} text-only questions (APGD "
         f"{p.scienceqa.steps} steps on the correct letter's NLL); MME on every question the world writes.\n"
@@ -457,6 +458,12 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         f"stages). All result rows: `results.json`; stage configs: `configs/`.\n"
     )
     return "\n".join(lines)
+
+
+def _delta2_eps(preset: DemoPreset) -> str:
+    """The eps of Δ²LLaVA's training attack in the preset's stages (``dvd train vlm``'s default if unset)."""
+    values = {str(stage.get("eps", VlmTrainConfig.eps)) for stage in preset.vlm_stages.values()}
+    return " / ".join(sorted(values))
 
 
 def _elapsed(stages: dict[str, dict[str, Any]]) -> tuple[float, int] | None:
