@@ -336,6 +336,7 @@ def test_a_failing_stage_is_recorded_and_reported_and_the_others_still_run(tmp_p
     stages = json.loads((tmp_path / "stages.json").read_text())
     assert stages["retrieval clean-clip"]["status"] == "failed"
     assert stages["world"]["status"] == "done"
+    assert stages["world"]["run"] == stages["retrieval clean-clip"]["run"]  # stages run in turn carry the run
     report = (tmp_path / "report.md").read_text()
     assert "| retrieval clean-clip | – | **failed** |" in report  # run in turn (--only): no worker
     assert "- `retrieval clean-clip`: " in report

@@ -80,6 +80,7 @@ class Demo:
     ) -> None:
         self.out = Path(out)
         self.worker: tuple[str, int] | None = None  # (run, k): this process is worker k of that run
+        self.run_id = f"{os.getpid()}-{time.time_ns()}"  # this run's stages carry it (the report times them)
         self.failed: list[str] = []  # stages that raised in this run (recorded, reported, exit status 1)
         self.include_vlm = vlm
         self.threads = threads
@@ -173,7 +174,7 @@ class Demo:
         return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
 
     def _run_workers(self, jobs: int) -> None:
-        run = f"{os.getpid()}-{time.time_ns()}"  # tells this run's claims from a killed run's leftovers
+        run = self.run_id  # tells this run's claims from a killed run's leftovers
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
                 "--device", self.device, "--threads", str(self.threads), "--no-report",
                 "--seeds", str(self.preset.seed)]
@@ -282,7 +283,7 @@ class Demo:
                     self.ledger.record(stage.name, status="done", seconds=None, reused=True)
                 self._say(f"[demo] {stage.name}: finished earlier, reused")
                 continue
-            self.ledger.record(stage.name, status="running", started=now())
+            self.ledger.record(stage.name, status="running", started=now(), run=self.run_id)
             self._run_stage(stage)
 
     def _run_stage(self, stage: Stage) -> None:
