@@ -100,6 +100,20 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
 
 
+def test_the_report_names_the_eps_delta2_llava_was_trained_at_wherever_the_preset_sets_it() -> None:
+    import dataclasses
+
+    from dvd.demo_report import _delta2_eps
+
+    preset = load_preset("quick")
+    assert _delta2_eps(preset) == "2/255"
+    stages = {name: {k: v for k, v in stage.items() if k != "eps"} for name, stage in
+              preset.vlm_stages.items()}
+    assert _delta2_eps(dataclasses.replace(preset, vlm_stages=stages)) == "4/255"  # dvd train vlm's default
+    common = dataclasses.replace(preset, vlm_stages=stages, vlm_common={**preset.vlm_common, "eps": "8/255"})
+    assert _delta2_eps(common) == "8/255"
+
+
 def test_the_span_of_a_rerun_that_reuses_stages_times_the_last_run_alone() -> None:
     from dvd.demo_report import _elapsed
 
