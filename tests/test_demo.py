@@ -209,6 +209,23 @@ def test_the_world_stage_writes_the_presets_spec_overrides_and_passes_them(tmp_p
     assert summary["size"] == test.world.size
 
 
+def test_vqa_may_take_more_questions_than_the_other_vlm_evaluations(tmp_path: Path) -> None:
+    test = load_preset("test")
+    assert "vqa_limit" not in test.fingerprint()["vlm_eval"]  # unset: the fingerprint of earlier folders
+    preset = dataclasses.replace(test, vlm_eval=dataclasses.replace(test.vlm_eval, limit=3, vqa_limit=7))
+    assert preset.fingerprint()["vlm_eval"]["vqa_limit"] == 7
+    demo = demo_module.Demo(tmp_path, preset, vlm=True)
+
+    def limit(task: str) -> int:
+        argv = demo.vlm_eval_argv(task, "delta2-llava")
+        return int(argv[argv.index("--limit") + 1])
+
+    assert (limit("vqa"), limit("caption"), limit("pope")) == (7, 3, 3)
+    demo = demo_module.Demo(tmp_path, test, vlm=True)
+    assert limit("vqa") == limit("caption") == test.vlm_eval.limit
+    assert load_preset("quick").vlm_eval.questions() == 200
+
+
 def test_a_preset_without_world_spec_writes_no_spec_file(tmp_path: Path) -> None:
     demo_module.Demo(tmp_path, load_preset("test"), vlm=False)._world()
     assert (tmp_path / "world" / "summary.json").is_file()

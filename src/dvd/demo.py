@@ -430,8 +430,9 @@ class Demo:
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
                 "--no-progress"]
         if task in ("caption", "vqa"):
+            limit = p.vlm_eval.questions() if task == "vqa" else p.vlm_eval.limit
             argv += ["--eps", ",".join(p.vlm_eval.eps or p.eps), "--steps", str(p.vlm_eval.steps),
-                     "--limit", str(p.vlm_eval.limit),
+                     "--limit", str(limit),
                      "--references", str(p.vlm_eval.references)]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval.limit)]

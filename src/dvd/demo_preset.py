@@ -79,8 +79,15 @@ class VlmEvalBudget:
 
     limit: int = 20
     eps: tuple[str, ...] | None = None  # caption / VQA budgets; None: the CLIPs' ``eps``
+    # VQA questions (None: ``limit``); VQA accuracy moves in steps of 1/limit, so it may need more samples
+    # than CIDEr does to tell two VLMs apart
+    vqa_limit: int | None = None
     references: int = 5  # reference captions / answers each caption / VQA attack is run against
     steps: int = 20
+
+    def questions(self) -> int:
+        """How many VQA questions are evaluated."""
+        return self.limit if self.vqa_limit is None else self.vqa_limit
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ class DemoPreset:
         out = json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
         if not self.world.spec:  # the default world: the fingerprint of earlier demo folders, which resume
             del out["world"]["spec"]
+        if self.vlm_eval.vqa_limit is None:  # likewise
+            del out["vlm_eval"]["vqa_limit"]
         return out
 
 

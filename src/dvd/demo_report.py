@@ -221,10 +221,11 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
         "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
         f"(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on every training "
-        f"batch of both stages). Evaluated on {p.vlm_eval.limit} held-out images / questions, attacks with "
-        f"{p.vlm_eval.steps} steps; targeted attacks on {p.targeted.limit} images with {p.targeted.steps} "
-        f"steps; ScienceQA on {p.scienceqa.limit} image and {p.scienceqa.limit} text-only questions (APGD "
-        f"{p.scienceqa.steps} steps on the correct letter's NLL); MME on every question the world writes.\n"
+        f"batch of both stages). Evaluated on {p.vlm_eval.limit} held-out images and "
+        f"{p.vlm_eval.questions()} questions, attacks with {p.vlm_eval.steps} steps; targeted attacks on "
+        f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
+        f"and {p.scienceqa.limit} text-only questions (APGD {p.scienceqa.steps} steps on the correct "
+        "letter's NLL); MME on every question the world writes.\n"
     )
     titles = {
         "caption": "Captioning (CIDEr)",
