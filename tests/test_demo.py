@@ -12,7 +12,7 @@ import yaml
 from dvd import demo as demo_module
 from dvd.config import ConfigError
 from dvd.demo import cli
-from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_MODELS, load_preset
+from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_MODELS, DemoPreset, load_preset
 from dvd.eval.results import read_rows
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
@@ -214,15 +214,13 @@ def test_vqa_may_take_more_questions_than_the_other_vlm_evaluations(tmp_path: Pa
     assert "vqa_limit" not in test.fingerprint()["vlm_eval"]  # unset: the fingerprint of earlier folders
     preset = dataclasses.replace(test, vlm_eval=dataclasses.replace(test.vlm_eval, limit=3, vqa_limit=7))
     assert preset.fingerprint()["vlm_eval"]["vqa_limit"] == 7
-    demo = demo_module.Demo(tmp_path, preset, vlm=True)
+    def limits(p: DemoPreset) -> tuple[int, ...]:  # the --limit of the VQA, caption and POPE stages
+        demo = demo_module.Demo(tmp_path, p, vlm=True)
+        argvs = [demo.vlm_eval_argv(task, "delta2-llava") for task in ("vqa", "caption", "pope")]
+        return tuple(int(argv[argv.index("--limit") + 1]) for argv in argvs)
 
-    def limit(task: str) -> int:
-        argv = demo.vlm_eval_argv(task, "delta2-llava")
-        return int(argv[argv.index("--limit") + 1])
-
-    assert (limit("vqa"), limit("caption"), limit("pope")) == (7, 3, 3)
-    demo = demo_module.Demo(tmp_path, test, vlm=True)
-    assert limit("vqa") == limit("caption") == test.vlm_eval.limit
+    assert limits(preset) == (7, 3, 3)
+    assert limits(test) == (test.vlm_eval.limit,) * 3
     assert load_preset("quick").vlm_eval.questions() == 200
 
 
@@ -299,7 +297,8 @@ def test_the_schedule_takes_up_every_stage_after_the_stages_it_reads_and_the_tra
 def _workers(tmp_path: Path, run: str = "run") -> tuple[demo_module.Demo, demo_module.Demo]:
     """Two workers of one run of the test preset's demo, in this process; the world is done."""
     one, two = (demo_module.Demo(tmp_path, load_preset("test")) for _ in range(2))
-    one.worker, two.worker = (run, 1), (run, 2)
+    one.run_id = two.run_id = run
+    one.worker, two.worker = 1, 2
     one.ledger.record("world", status="done", run=run, worker=1)  # written before the workers start
     return one, two
 

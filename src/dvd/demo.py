@@ -79,8 +79,9 @@ class Demo:
         log: Any = None,
     ) -> None:
         self.out = Path(out)
-        self.worker: tuple[str, int] | None = None  # (run, k): this process is worker k of that run
-        self.run_id = f"{os.getpid()}-{time.time_ns()}"  # this run's stages carry it (the report times them)
+        self.worker: int | None = None  # k: this process is worker k of the run ``run_id``
+        # this run's stages carry it (the report times them; a worker takes its parent's)
+        self.run_id = f"{os.getpid()}-{time.time_ns()}"
         self.failed: list[str] = []  # stages that raised in this run (recorded, reported, exit status 1)
         self.include_vlm = vlm
         self.threads = threads
@@ -232,7 +233,7 @@ class Demo:
         worker's (None if there is none), and whether some stage is left that waits for a running one. A
         stage whose input failed in this run is recorded as failed; one finished earlier as reused."""
         assert self.worker is not None
-        run, worker = self.worker
+        run, worker = self.run_id, self.worker
         waiting = False
         with self.ledger.locked() as entries:
             for stage in self.schedule():
@@ -402,7 +403,7 @@ class Demo:
 
     def vlm_config(self, name: str, vision: str, stage: str) -> dict[str, Any]:
         """The ``dvd train vlm`` config of one stage of one of the demo's VLMs."""
-        cfg = {**self.preset.vlm_common, **self.preset.vlm_stages[stage]}
+        cfg = self.preset.vlm_stage_keys(stage)
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
                    seed=self.preset.seed, device=self.device, resume="latest",
                    adversarial=name in ADVERSARIAL_VLMS)
@@ -525,7 +526,7 @@ def cli(argv: Sequence[str]) -> int:
                     vlm=not args.no_vlm, threads=args.threads)
         if args.worker is not None:
             run, _, worker = args.worker.rpartition("/")
-            demo.worker = (run, int(worker))
+            demo.run_id, demo.worker = run, int(worker)
         summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
         failed.extend(f"{name} (seed {seed})" if len(seeds) > 1 else name for name in demo.failed)
         return summary

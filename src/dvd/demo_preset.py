@@ -119,6 +119,10 @@ class DemoPreset:
     scienceqa: Budget = field(default_factory=lambda: Budget(limit=50, steps=20))
     example_steps: int = 100  # APGD steps of the report's example grid
 
+    def vlm_stage_keys(self, stage: str) -> dict[str, Any]:
+        """The ``dvd train vlm`` keys the preset gives ``stage``: its own over ``vlm_common``."""
+        return {**self.vlm_common, **self.vlm_stages[stage]}
+
     def fingerprint(self) -> dict[str, Any]:
         """What the stages' outputs depend on (a folder made with other settings is not reused)."""
         out = json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)

@@ -462,10 +462,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
 
 
 def _delta2_eps(preset: DemoPreset) -> str:
-    """The eps of Δ²LLaVA's training attack in the preset's stages (a stage's keys over ``vlm_common``, as the
-    demo writes its configs; ``dvd train vlm``'s default if unset)."""
-    values = {str({**preset.vlm_common, **stage}.get("eps", VlmTrainConfig.eps))
-              for stage in preset.vlm_stages.values()}
+    """The eps of Δ²LLaVA's training attack in the preset's stages (as the demo writes their configs;
+    ``dvd train vlm``'s default if unset)."""
+    values = {str(preset.vlm_stage_keys(stage).get("eps", VlmTrainConfig.eps)) for stage in preset.vlm_stages}
     return " / ".join(sorted(values))
 
 
