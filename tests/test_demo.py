@@ -12,7 +12,7 @@ import yaml
 from dvd import demo as demo_module
 from dvd.config import ConfigError
 from dvd.demo import cli
-from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_MODELS, DemoPreset, load_preset
+from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_EVALS, VLM_MODELS, DemoPreset, load_preset
 from dvd.eval.results import read_rows
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
@@ -222,6 +222,44 @@ def test_vqa_may_take_more_questions_than_the_other_vlm_evaluations(tmp_path: Pa
     assert limits(preset) == (7, 3, 3)
     assert limits(test) == (test.vlm_eval.limit,) * 3
     assert load_preset("quick").vlm_eval.questions() == 200
+
+
+def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_batch_size(
+    tmp_path: Path,
+) -> None:
+    test = load_preset("test")
+    fingerprint = test.fingerprint()["vlm_eval"]
+    assert "attack" not in fingerprint and "batch_size" not in fingerprint  # defaults: earlier folders resume
+    assert (test.vlm_eval.attack, test.vlm_eval.batch_size) == ("ensemble", 8)
+    lean = dataclasses.replace(test, vlm_eval=dataclasses.replace(test.vlm_eval, attack="references",
+                                                                   batch_size=50))
+    assert lean.fingerprint()["vlm_eval"]["attack"] == "references"  # a folder of the other is not reused
+    demo = demo_module.Demo(tmp_path, lean, vlm=True)
+    for task in VLM_EVALS:
+        argv = demo.vlm_eval_argv(task, "delta2-llava")
+        assert argv[argv.index("--batch-size") + 1] == "50"
+        assert (argv[argv.index("--attack") + 1] if "--attack" in argv else None) == {
+            "caption": "references", "vqa": "references", "scienceqa": "apgd"}.get(task)
+    quick = load_preset("quick").vlm_eval
+    assert (quick.attack, quick.batch_size) == ("references", 50)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("vlm_eval: {attack: ensembel}\n",
+         r"vlm_eval.attack in .*mine.yaml must be one of ensemble, references, apgd, got 'ensembel' "
+         r"\(did you mean 'ensemble'"),
+        ("vlm_eval: {batch_size: 0}\n",
+         r"vlm_eval.batch_size in .*mine.yaml must be a positive integer, got 0"),
+    ],
+)
+def test_a_bad_vlm_eval_attack_or_batch_size_is_a_one_line_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_preset("mine", _preset(tmp_path, text))
+    assert "\n" not in str(error.value)
 
 
 def test_a_preset_without_world_spec_writes_no_spec_file(tmp_path: Path) -> None:

@@ -107,6 +107,27 @@ def test_vqa_writes_vqa_accuracy_rows(shapesworld, tiny_vlm, tmp_path):
     check_attacked(rows, task="vqa", metric="vqa_accuracy", n=4)
 
 
+def test_the_references_attack_is_one_apgd_per_reference_without_the_ensembles_rerun_and_targets(
+    shapesworld, tiny_vlm, tmp_path, monkeypatch
+):
+    stages = []
+    evaluate = va.evaluate_outputs
+
+    def spy(*args, **kwargs):
+        stages.append([stage.name for stage in kwargs["stages"]])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(va, "evaluate_outputs", spy)
+    common = ["--model", str(tiny_vlm), "--data", str(shapesworld), "--broken-at", "-1", "--references", "2",
+              "--eps", "4/255"]
+    rows = run(["eval", "vqa"], tmp_path / "r.json", *common, "--attack", "references")
+    assert stages == [["ref0-fp32", "ref1-fp32"]]  # on a CPU the runs are fp32 already
+    assert [r.attack for r in rows] == ["apgd-references"]
+    check_attacked(rows, task="vqa", metric="vqa_accuracy", n=4)
+    run(["eval", "vqa"], tmp_path / "e.json", *common)  # the ensemble: the rerun on the best, the targets
+    assert stages[1] == ["ref0-fp32", "ref1-fp32", "best-fp32", "target-maybe", "target-Word"]
+
+
 def test_pope_writes_every_metric_for_every_split(shapesworld, tiny_vlm, tmp_path):
     rows = run(
         ["eval", "pope"],

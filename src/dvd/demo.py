@@ -429,11 +429,11 @@ class Demo:
         p = self.preset
         argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
-                "--no-progress"]
+                "--batch-size", str(p.vlm_eval.batch_size), "--no-progress"]
         if task in ("caption", "vqa"):
             limit = p.vlm_eval.questions() if task == "vqa" else p.vlm_eval.limit
-            argv += ["--eps", ",".join(p.vlm_eval.eps or p.eps), "--steps", str(p.vlm_eval.steps),
-                     "--limit", str(limit),
+            argv += ["--attack", p.vlm_eval.attack, "--eps", ",".join(p.vlm_eval.eps or p.eps),
+                     "--steps", str(p.vlm_eval.steps), "--limit", str(limit),
                      "--references", str(p.vlm_eval.references)]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval.limit)]

@@ -30,6 +30,8 @@ VISION_TOWER = {  # the CLIP each VLM is built on
 ADVERSARIAL_VLMS = ("delta2-llava",)
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
+# the caption / VQA attacks a preset may choose (``dvd eval caption | vqa --attack``, but "none")
+VLM_EVAL_ATTACKS = ("ensemble", "references", "apgd")
 TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
 VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands' modules
     "caption": "dvd.eval.captioning",
@@ -84,6 +86,10 @@ class VlmEvalBudget:
     vqa_limit: int | None = None
     references: int = 5  # reference captions / answers each caption / VQA attack is run against
     steps: int = 20
+    # the caption / VQA attack: "ensemble" (RobustVLM's: APGD per reference, an fp32 rerun on the best
+    # one, targeted VQA runs) or "references" (its APGD per reference only)
+    attack: str = "ensemble"
+    batch_size: int = 8  # samples per batch of every VLM evaluation (more: faster on a CPU, same attack)
 
     def questions(self) -> int:
         """How many VQA questions are evaluated."""
@@ -128,8 +134,10 @@ class DemoPreset:
         out = json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
         if not self.world.spec:  # the default world: the fingerprint of earlier demo folders, which resume
             del out["world"]["spec"]
-        if self.vlm_eval.vqa_limit is None:  # likewise
-            del out["vlm_eval"]["vqa_limit"]
+        defaults = dataclasses.asdict(VlmEvalBudget())
+        for key in ("vqa_limit", "attack", "batch_size"):  # likewise, at their defaults
+            if out["vlm_eval"][key] == defaults[key]:
+                del out["vlm_eval"][key]
         return out
 
 
@@ -161,6 +169,13 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
             values[key] = dataclasses.replace(section, **_checked(value, type(section), f"{key}.", path))
     preset = dataclasses.replace(defaults, **values)
     spec_from_mapping(preset.world.spec, f"world.spec of {path}")  # a bad override fails now, not mid-demo
+    if preset.vlm_eval.attack not in VLM_EVAL_ATTACKS:
+        attack = str(preset.vlm_eval.attack)
+        raise ConfigError(f"vlm_eval.attack in {path} must be one of {', '.join(VLM_EVAL_ATTACKS)}, got "
+                          f"{attack!r}{suggest(attack, VLM_EVAL_ATTACKS)}")
+    if not isinstance(preset.vlm_eval.batch_size, int) or preset.vlm_eval.batch_size < 1:
+        raise ConfigError(f"vlm_eval.batch_size in {path} must be a positive integer, got "
+                          f"{preset.vlm_eval.batch_size!r}")
     return preset
 
 

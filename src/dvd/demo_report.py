@@ -222,7 +222,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
         f"(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on every training "
         f"batch of both stages). Evaluated on {p.vlm_eval.limit} held-out images and "
-        f"{p.vlm_eval.questions()} questions, attacks with {p.vlm_eval.steps} steps; targeted attacks on "
+        f"{p.vlm_eval.questions()} questions; captioning and VQA attacked by {_vlm_attack_text(p)}, "
+        f"{p.vlm_eval.steps} steps each; targeted attacks on "
         f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
         f"and {p.scienceqa.limit} text-only questions (APGD {p.scienceqa.steps} steps on the correct "
         "letter's NLL); MME on every question the world writes.\n"
@@ -459,6 +460,18 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         f"stages). All result rows: `results.json`; stage configs: `configs/`.\n"
     )
     return "\n".join(lines)
+
+
+def _vlm_attack_text(preset: DemoPreset) -> str:
+    """The caption / VQA attack in words."""
+    n = preset.vlm_eval.references
+    return {
+        "ensemble": f"RobustVLM's ensemble (APGD on each of {n} references, an fp32 rerun on the best one, "
+        "targeted VQA runs; each sample keeps its worst output)",
+        "references": f"APGD on each of {n} references in turn (RobustVLM's ensemble without its fp32 rerun "
+        "and targeted runs; each sample keeps its worst output)",
+        "apgd": "APGD on the first reference",
+    }[preset.vlm_eval.attack]
 
 
 def _delta2_eps(preset: DemoPreset) -> str:

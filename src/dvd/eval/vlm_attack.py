@@ -255,8 +255,10 @@ def evaluate_outputs(
 
 
 # the attacks of the reference-answer evaluations (captioning, VQA) and their rows' attack names
-REFERENCE_ATTACKS = ("ensemble", "apgd", "none")
-REFERENCE_ATTACK_NAMES = {"ensemble": "apgd-ensemble", "apgd": "apgd", "none": "none"}
+REFERENCE_ATTACKS = ("ensemble", "references", "apgd", "none")
+REFERENCE_ATTACK_NAMES = {
+    "ensemble": "apgd-ensemble", "references": "apgd-references", "apgd": "apgd", "none": "none"
+}
 
 
 def reference_outputs(
@@ -273,10 +275,12 @@ def reference_outputs(
 ) -> list[BudgetResult]:
     """:func:`evaluate_outputs` of a reference-answer evaluation, ``spec.attack`` one of
     :data:`REFERENCE_ATTACKS`: "ensemble" is the paper's (:func:`ensemble_stages` of ``n_references`` in
-    ``spec.precision``, then ``targets``), "apgd" one fp32 APGD on the first reference, "none" clean only."""
+    ``spec.precision``, then ``targets``), "references" its first part (one APGD per reference, without the
+    fp32 rerun and the targeted runs), "apgd" one fp32 APGD on the first reference, "none" clean only."""
     precision = resolve_precision(spec.precision, model.device)
     stages = {
         "ensemble": ensemble_stages(n_references, precision=precision, targets=targets),
+        "references": ensemble_stages(n_references, precision=precision, final=False),
         "apgd": [Stage("ref0-fp32")],
         "none": [],
     }[spec.attack]
