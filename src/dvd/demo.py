@@ -412,7 +412,7 @@ class Demo:
         else:
             cfg["init"] = str(self.final(f"{name}-stage1"))
         if not cfg["adversarial"]:
-            for key in ("eps", "attack_steps", "attack_step_size"):
+            for key in ("eps", "attack_steps", "attack_step_size", "eps_warmup_steps"):
                 cfg.pop(key, None)
         return cfg
 

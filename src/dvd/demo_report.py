@@ -221,7 +221,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
         "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
         f"(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on every training "
-        f"batch of both stages). Evaluated on {p.vlm_eval.limit} held-out images and "
+        f"batch of both stages{_delta2_ramp(p)}). Evaluated on {p.vlm_eval.limit} held-out images and "
         f"{p.vlm_eval.questions()} questions; captioning and VQA attacked by {_vlm_attack_text(p)}, "
         f"{p.vlm_eval.steps} steps each; targeted attacks on "
         f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
@@ -479,6 +479,13 @@ def _delta2_eps(preset: DemoPreset) -> str:
     ``dvd train vlm``'s default if unset)."""
     values = {str(preset.vlm_stage_keys(stage).get("eps", VlmTrainConfig.eps)) for stage in preset.vlm_stages}
     return " / ".join(sorted(values))
+
+
+def _delta2_ramp(preset: DemoPreset) -> str:
+    """How Δ²LLaVA's training eps is ramped up, if it is (``eps_warmup_steps`` of a stage)."""
+    ramps = [f"{stage} over its first {n} steps" for stage in preset.vlm_stages
+             if (n := preset.vlm_stage_keys(stage).get("eps_warmup_steps"))]
+    return f"; eps ramped up from 0 in {' and '.join(ramps)}" if ramps else ""
 
 
 def _elapsed(stages: dict[str, dict[str, Any]]) -> tuple[float, int] | None:
