@@ -249,6 +249,22 @@ def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_bat
     assert (quick.attack, quick.batch_size) == ("references", 50)
 
 
+def test_only_delta2_llavas_stage_configs_carry_the_training_attack_and_its_eps_ramp(tmp_path: Path) -> None:
+    from dvd.demo_report import _delta2_ramp
+
+    quick = load_preset("quick")
+    assert quick.vlm_stages["stage2"]["eps_warmup_steps"] > 0
+    demo = demo_module.Demo(tmp_path, quick, vlm=True)
+    attack_keys = {"eps", "attack_steps", "attack_step_size", "eps_warmup_steps"}
+    for model, tower in VISION_TOWER.items():
+        stage2 = demo.vlm_config(model, tower, "stage2")
+        kept = attack_keys & set(stage2)
+        assert kept == (attack_keys if model == "delta2-llava" else set()), model
+        assert stage2["steps"] == quick.vlm_stages["stage2"]["steps"]  # otherwise the same recipe
+    assert _delta2_ramp(quick) == "; eps ramped up from 0 in stage 2 over its first 500 steps"  # the report
+    assert _delta2_ramp(load_preset("test")) == ""
+
+
 def test_a_preset_without_world_spec_writes_no_spec_file(tmp_path: Path) -> None:
     demo_module.Demo(tmp_path, load_preset("test"), vlm=False)._world()
     assert (tmp_path / "world" / "summary.json").is_file()

@@ -483,7 +483,7 @@ def _delta2_eps(preset: DemoPreset) -> str:
 
 def _delta2_ramp(preset: DemoPreset) -> str:
     """How Δ²LLaVA's training eps is ramped up, if it is (``eps_warmup_steps`` of a stage)."""
-    ramps = [f"{stage} over its first {n} steps" for stage in preset.vlm_stages
+    ramps = [f"{stage.replace('stage', 'stage ')} over its first {n} steps" for stage in preset.vlm_stages
              if (n := preset.vlm_stage_keys(stage).get("eps_warmup_steps"))]
     return f"; eps ramped up from 0 in {' and '.join(ramps)}" if ramps else ""
 
