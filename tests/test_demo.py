@@ -12,7 +12,15 @@ import yaml
 from dvd import demo as demo_module
 from dvd.config import ConfigError
 from dvd.demo import cli
-from dvd.demo_preset import CLIP_MODELS, VISION_TOWER, VLM_EVALS, VLM_MODELS, DemoPreset, load_preset
+from dvd.demo_preset import (
+    CLIP_MODELS,
+    VISION_TOWER,
+    VLM_EVAL_ATTACKS,
+    VLM_EVALS,
+    VLM_MODELS,
+    DemoPreset,
+    load_preset,
+)
 from dvd.eval.results import read_rows
 
 TASKS = {f"shapesworld/{t}" for t in ("color", "count", "shape", "size", "texture")}
@@ -247,6 +255,12 @@ def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_bat
             "caption": "references", "vqa": "references", "scienceqa": "apgd"}.get(task)
     quick = load_preset("quick").vlm_eval
     assert (quick.attack, quick.batch_size) == ("references", 50)
+    from dvd.eval.spec import VLM_DEFAULTS
+    from dvd.eval.vlm_attack import REFERENCE_ATTACKS
+
+    # the preset module's import-light copies of the evaluations' own choices and default
+    assert VLM_EVAL_ATTACKS == tuple(a for a in REFERENCE_ATTACKS if a != "none")
+    assert test.vlm_eval.batch_size == VLM_DEFAULTS["batch_size"]
 
 
 def test_only_delta2_llavas_stage_configs_carry_the_training_attack_and_its_eps_ramp(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ VISION_TOWER = {  # the CLIP each VLM is built on
 ADVERSARIAL_VLMS = ("delta2-llava",)
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
-# the caption / VQA attacks a preset may choose (``dvd eval caption | vqa --attack``, but "none")
+# the caption / VQA attacks a preset may choose: dvd.eval.vlm_attack.REFERENCE_ATTACKS but "none", written out
+# so that loading a preset does not import torch and transformers (a test keeps the two in step)
 VLM_EVAL_ATTACKS = ("ensemble", "references", "apgd")
 TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
 VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands' modules
@@ -89,7 +90,9 @@ class VlmEvalBudget:
     # the caption / VQA attack: "ensemble" (RobustVLM's: APGD per reference, an fp32 rerun on the best
     # one, targeted VQA runs) or "references" (its APGD per reference only)
     attack: str = "ensemble"
-    batch_size: int = 8  # samples per batch of every VLM evaluation (more: faster on a CPU, same attack)
+    # samples per batch of every VLM evaluation (more: faster on a CPU, same attack); the default is the
+    # evaluations' own (dvd.eval.spec.VLM_DEFAULTS)
+    batch_size: int = 8
 
     def questions(self) -> int:
         """How many VQA questions are evaluated."""
