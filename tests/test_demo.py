@@ -86,6 +86,10 @@ def test_the_report_checks_the_five_claims_with_target_measured_margin_and_verdi
         "shape", "color", "count", "size", "texture"]
     assert "| claim | check | target | measured | margin | verdict | from |" in claims
     for line in lines:  # every VLM of the claims was trained and evaluated: each check is measured
+        # a relative drop from zero is undefined (tiny models may say nothing right): named so, no verdict
+        if "drop" in line and "vs delta-llava 0.0 CIDEr" in line:
+            assert "| not measured |" in line
+            continue
         assert "**holds**" in line or "**does not hold**" in line, line
 
 
@@ -97,6 +101,7 @@ def test_the_vlms_use_their_towers_and_only_delta2_llava_is_tuned_adversarially(
         stage1 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage1.yaml")
         stage2 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage2.yaml")
         assert Path(stage1.vision) == demo_dir / "models" / tower / "final"
+        assert isinstance(stage1.lm, dict)  # a fresh LM: the preset trains none for them to share
         assert Path(stage2.init) == demo_dir / "models" / f"{model}-stage1" / "final"
         assert stage1.adversarial == stage2.adversarial == (model == "delta2-llava")
 
@@ -113,6 +118,8 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
     ran = [line.split(" | ")[1] for line in report.splitlines() if line.startswith("| train ")]
     assert set(ran) == {"1", "2"}  # the two workers (--jobs 2, the default) shared the trainings
     assert "{" not in report and "}" not in report  # every template field was filled in
+    counts = sorted({r.n for r in read_rows(demo_dir / "results.json") if r.task == "caption"})
+    assert f"images: {'/'.join(map(str, counts))} for captioning" in report  # as evaluated, not the limit
 
 
 def test_demo_writes_each_stage_config_as_a_rerunnable_yaml(demo_dir: Path) -> None:
@@ -345,6 +352,7 @@ def test_the_schedule_takes_up_every_stage_after_the_stages_it_reads_and_the_tra
         stages["zeroshot fare"].needs == ("train fare",)
         and stages["train fare"].needs[-1] == "train clean-clip"
     )
+    assert stages["train fare-llava stage1"].needs == ("train fare",)  # its tower (and no shared LM)
     for position, name in enumerate(order):
         assert all(order.index(need) < position for need in stages[name].needs), name
 
@@ -522,3 +530,27 @@ def test_a_two_seed_demo_reports_each_seeds_claims_and_their_spread(tmp_path: Pa
     (gain,) = [line for line in report.splitlines() if line.startswith(first)]
     cells = gain.split(" | ")
     assert cells[2] == "≥ +30.0 pt" and all(c.endswith(" pt") for c in cells[3:8])  # seeds, min, max, margin
+
+
+def test_a_preset_may_train_one_lm_for_every_vlm_first_from_text_alone(tmp_path: Path) -> None:
+    from dvd.config import load_config
+    from dvd.train.lm import LmTrainConfig
+
+    assert "lm_training" not in load_preset("test").fingerprint()  # none: the fingerprint of older folders
+    shared = {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "progress": False}
+    preset = dataclasses.replace(load_preset("test"), lm_training=shared)
+    assert preset.fingerprint()["lm_training"] == shared  # a folder made without it is not reused
+    demo = demo_module.Demo(tmp_path, preset)
+    stages = {s.name: s for s in demo.stages()}
+    assert stages["train lm"].needs == ("world",)
+    for model, tower in VISION_TOWER.items():  # each VLM's stage 1 reads its tower and the shared LM
+        assert stages[f"train {model} stage1"].needs == (f"train {tower}", "train lm")
+    demo.run(only=["world", "train lm"], report=False)
+    lm = load_config(LmTrainConfig, tmp_path / "configs" / "lm.yaml")  # the VLMs' tokenizer and template
+    assert (lm.tokenizer, lm.template, lm.max_length, lm.steps) == ("shapesworld", "vicuna_v1_short", 256, 2)
+    assert (tmp_path / "models" / "lm" / "final" / "model.safetensors").is_file()
+    final = str(tmp_path / "models" / "lm" / "final")
+    assert all(demo.vlm_config(m, t, "stage1")["lm"] == final for m, t in VISION_TOWER.items())
+    plain = demo_module.Demo(tmp_path / "plain", load_preset("test"))
+    assert "train lm" not in {s.name for s in plain.stages()}
+    assert "lm" not in plain.vlm_config("clean-llava", "clean-clip", "stage1")

@@ -237,6 +237,31 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
     )
     assert len(list(data)) == len(data) - 1 and data.skipped == 1
     assert len(list(data)) == len(data) - 1 and data.skipped == 1  # a second epoch counts it once
+    kept = build_conversations(llava, image_size=32, collator=vlm.collator(template="plain"),
+                               caption_prompt="", in_memory=True)
+    assert len(list(kept)) == len(kept) - 1 and kept.skipped == 1  # likewise when decoded once
+
+
+def test_in_memory_decodes_each_image_once_and_gives_the_samples_read_from_disk(world, tmp_path, monkeypatch):
+    import dvd.data.image_text as image_text
+
+    cfg = tiny_config(world, tmp_path, "stage=2")
+    source = resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2)
+    collator = build_vlm(cfg, source).collator()
+    decoded = []
+    decode = image_text.decode_image
+    monkeypatch.setattr(image_text, "decode_image", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    disk = build_conversations(source, image_size=32, collator=collator, caption_prompt="")  # LLaVA's crop
+    kept = build_conversations(source, image_size=32, collator=collator, caption_prompt="", in_memory=True)
+    assert len(decoded) == len(kept)  # every image once, when the set is built
+    for _epoch in range(2):
+        for i in range(len(kept)):
+            ours, theirs = kept[i], disk[i]
+            assert torch.equal(ours["image"], theirs["image"])
+            assert ours["conversations"] == theirs["conversations"]
+    assert len(decoded) == 3 * len(kept)  # reading from disk decoded again in each epoch; memory never
+    crops = build_conversations(source, image_size=32, collator=collator, caption_prompt="", augment=True)
+    assert not all(torch.equal(crops[0]["image"], crops[0]["image"]) for _ in range(5))  # a crop per read
 
 
 @pytest.mark.parametrize(
@@ -248,6 +273,7 @@ def test_coco_captions_give_one_stage1_sample_per_reference_and_corrupt_images_a
         (["init=/nonexistent/run"], "run stage 1 first"),
         (["data=/nonexistent/world"], "no such data file"),
         (["weight_decay=-1"], "weight_decay must be a number >= 0"),
+        (["augment=true", "in_memory=true"], "set augment=false or in_memory=false"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_fix(args, message, world, tmp_path, capsys):

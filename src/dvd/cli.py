@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "shapesworld"): ("dvd.data.shapesworld", "write the ShapesWorld image-text world to disk"),
     ("train", "clip"): ("dvd.train.clip", "ΔCLIP / clean CLIP / TeCoA / FARE training"),
     ("train", "vlm"): ("dvd.train.vlm", "LLaVA-style training, clean or Δ² adversarial"),
+    ("train", "lm"): ("dvd.train.lm", "text-only training of a LLaVA's language model"),
     ("eval", "zeroshot"): ("dvd.eval.zeroshot", "zero-shot classification, clean and under attack"),
     ("eval", "retrieval"): ("dvd.eval.retrieval", "image-text retrieval recall@k, clean and under attack"),
     ("eval", "caption"): ("dvd.eval.captioning", "captioning CIDEr, clean and under attack"),

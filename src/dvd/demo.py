@@ -42,6 +42,7 @@ from dvd.data import shapesworld
 from dvd.demo_preset import (
     ADVERSARIAL_VLMS,
     CLIP_MODELS,
+    LM_MODEL,
     TARGET_CAPTION,
     VISION_TOWER,
     VLM_EVALS,
@@ -59,6 +60,7 @@ from dvd.eval.report import average_rows
 from dvd.eval.results import read_rows
 from dvd.io import read_json, write_json
 from dvd.train import clip as train_clip
+from dvd.train import lm as train_lm
 from dvd.train import vlm as train_vlm
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +119,16 @@ class Demo:
                     Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
                 )
         if self.include_vlm:
+            shared_lm = (f"train {LM_MODEL}",) if self.preset.lm_training else ()
+            if shared_lm:
+                done = self._final_exists(LM_MODEL)
+                stages.append(Stage(shared_lm[0], self._train_lm, done, "vlm", ("world",)))
             for name, vision in VISION_TOWER.items():
-                for stage, needs in (("stage1", f"train {vision}"), ("stage2", f"train {name} stage1")):
+                for stage, needs in (("stage1", (f"train {vision}", *shared_lm)),
+                                     ("stage2", (f"train {name} stage1",))):
                     stages.append(
                         Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
-                              self._final_exists(f"{name}-{stage}"), "vlm", (needs,))
+                              self._final_exists(f"{name}-{stage}"), "vlm", needs)
                     )
             for name in VLM_MODELS:
                 for task in VLM_EVALS:
@@ -409,12 +416,28 @@ class Demo:
                    adversarial=name in ADVERSARIAL_VLMS)
         if stage == "stage1":
             cfg["vision"] = str(self.final(vision))
+            if self.preset.lm_training:
+                cfg["lm"] = str(self.final(LM_MODEL))
         else:
             cfg["init"] = str(self.final(f"{name}-stage1"))
         if not cfg["adversarial"]:
             for key in ("eps", "attack_steps", "attack_step_size", "eps_warmup_steps"):
                 cfg.pop(key, None)
         return cfg
+
+    def lm_config(self) -> dict[str, Any]:
+        """The ``dvd train lm`` config of the VLMs' shared language model: the VLMs' LM, tokenizer, template
+        and text length unless the preset's ``lm_training`` sets them."""
+        common = self.preset.vlm_common
+        cfg = {key: common[key] for key in ("lm", "tokenizer", "template", "max_length") if key in common}
+        cfg.update(self.preset.lm_training)
+        cfg.update(data=str(self.world), output_dir=str(self.model_dir(LM_MODEL)), seed=self.preset.seed,
+                   device=self.device, resume="latest")
+        return cfg
+
+    def _train_lm(self) -> None:
+        config = self._write_config(LM_MODEL, self.lm_config())
+        check(train_lm.cli(["--config", str(config)]), f"dvd train lm ({LM_MODEL})")
 
     def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:
         def run() -> None:

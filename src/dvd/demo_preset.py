@@ -28,6 +28,7 @@ VISION_TOWER = {  # the CLIP each VLM is built on
     "delta2-llava": "delta-clip",
 }
 ADVERSARIAL_VLMS = ("delta2-llava",)
+LM_MODEL = "lm"  # the VLMs' shared language model (OUT/models/lm), when the preset trains one
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
 # the caption / VQA attacks a preset may choose: dvd.eval.vlm_attack.REFERENCE_ATTACKS but "none", written out
@@ -118,6 +119,9 @@ class DemoPreset:
     eps: tuple[str, ...] = ("2/255", "4/255")
     zeroshot: ZeroShotBudget = field(default_factory=ZeroShotBudget)
     retrieval: Budget = field(default_factory=lambda: Budget(limit=100, steps=100))
+    # the VLMs' language model trained once on the world's conversations, text only (dvd train lm keys),
+    # then shared by every VLM as the paper's share Vicuna; empty: each VLM starts from a fresh LM
+    lm_training: dict[str, Any] = field(default_factory=dict)
     # VLM (dvd train vlm keys), per stage; then the evaluations
     vlm_common: dict[str, Any] = field(default_factory=dict)
     vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -137,6 +141,8 @@ class DemoPreset:
         out = json.loads(json.dumps(dataclasses.asdict(self)))  # as stored in demo.json (tuples -> lists)
         if not self.world.spec:  # the default world: the fingerprint of earlier demo folders, which resume
             del out["world"]["spec"]
+        if not self.lm_training:  # likewise without a shared LM
+            del out["lm_training"]
         defaults = dataclasses.asdict(VlmEvalBudget())
         for key in ("vqa_limit", "attack", "batch_size"):  # likewise, at their defaults
             if out["vlm_eval"][key] == defaults[key]:

@@ -218,12 +218,13 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         return "\n".join(lines)
     p = inputs.preset
     lines.append(
-        f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama) trained in LLaVA's two stages with the "
-        "same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior art), delta-llava "
-        f"(ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on every training "
-        f"batch of both stages{_delta2_ramp(p)}). Evaluated on {p.vlm_eval.limit} held-out images and "
-        f"{p.vlm_eval.questions()} questions; captioning and VQA attacked by {_vlm_attack_text(p)}, "
-        f"{p.vlm_eval.steps} steps each; targeted attacks on "
+        f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama{_shared_lm(p)}) trained in LLaVA's two "
+        "stages with the same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior "
+        f"art), delta-llava (ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on "
+        f"every training batch of both stages{_delta2_ramp(p)}). Evaluated on held-out images: "
+        f"{_samples(vlm_rows, 'caption', p.vlm_eval.limit)} for captioning (the world's test split), "
+        f"{_samples(vlm_rows, 'vqa', p.vlm_eval.questions())} VQA questions; captioning and VQA attacked by "
+        f"{_vlm_attack_text(p)}, {p.vlm_eval.steps} steps each; targeted attacks on "
         f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
         f"and {p.scienceqa.limit} text-only questions (APGD {p.scienceqa.steps} steps on the correct "
         "letter's NLL); MME on every question the world writes.\n"
@@ -479,6 +480,22 @@ def _delta2_eps(preset: DemoPreset) -> str:
     ``dvd train vlm``'s default if unset)."""
     values = {str(preset.vlm_stage_keys(stage).get("eps", VlmTrainConfig.eps)) for stage in preset.vlm_stages}
     return " / ".join(sorted(values))
+
+
+def _samples(rows: Sequence[Row], task: str, limit: int) -> str:
+    """How many samples ``task`` was evaluated on (its rows' ``n``; at most ``limit`` when none says)."""
+    counts = sorted({int(r["n"]) for r in rows if r["task"] == task and r.get("n")})
+    return "/".join(map(str, counts)) if counts else f"up to {limit}"
+
+
+def _shared_lm(preset: DemoPreset) -> str:
+    """Where the VLMs' language model comes from, when the preset trains one for all of them."""
+    if not preset.lm_training:
+        return ""
+    steps = preset.lm_training.get("steps")
+    length = f"{steps} steps" if steps else f"{preset.lm_training.get('epochs', 1)} epoch(s)"
+    return (f", the same for every VLM: first trained alone for {length} on the text of the world's "
+            "training conversations, as the paper's VLMs share Vicuna")
 
 
 def _delta2_ramp(preset: DemoPreset) -> str:

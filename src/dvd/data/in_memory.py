@@ -68,3 +68,28 @@ class InMemory(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         return self.images[i].float().div_(255), self.targets[i]
+
+
+class InMemoryRecords(Dataset):
+    """A map-style reader of dict items (``{"image": ..., **fields}``, None when unreadable) read once: the
+    same items, each image kept as 8-bit. Passes through the reader's ``records`` and ``source``."""
+
+    def __init__(self, reader: Any, indices: Iterable[int], *, name: str = "dataset") -> None:
+        self.records, self.source = reader.records, getattr(reader, "source", name)
+        self.items: dict[int, dict[str, Any] | None] = {}
+        for i in indices:
+            item = reader[i]
+            image = None if item is None else item.get("image")
+            self.items[i] = None if image is None else {**item, "image": to_uint8(image)}
+        kept = [item["image"] for item in self.items.values() if item is not None]
+        if not kept:
+            raise ValueError(f"{name}: no readable samples to keep in memory")
+        log.info("%s: %d samples decoded once, %.0f MB in memory", name, len(kept),
+                 sum(image.numel() for image in kept) / 2**20)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        item = self.items[i]
+        return None if item is None else {**item, "image": item["image"].float().div_(255)}

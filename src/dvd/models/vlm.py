@@ -276,7 +276,7 @@ def create_vlm(
     if isinstance(tokenizer, str):
         tokenizer = hf_load(AutoTokenizer.from_pretrained, tokenizer, "tokenizer")
     ensure_image_token(tokenizer)
-    language_model = _language_model(lm, tokenizer, lm_dtype)
+    language_model = build_language_model(lm, tokenizer, lm_dtype)
     hidden = language_model.get_input_embeddings().embedding_dim
     projector = MLPProjector(tower.width, hidden)
     if lm_dtype is not None:
@@ -294,11 +294,13 @@ def _vision_tower(vision: str | nn.Module, pretrained: str | None, feature_layer
     return vision_tower_from_clip(vision, feature_layer=feature_layer)
 
 
-def _language_model(
+def build_language_model(
     lm: str | Mapping[str, Any] | PretrainedConfig | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     dtype: torch.dtype | None,
 ) -> PreTrainedModel:
+    """The causal LM ``lm`` names (see :func:`create_vlm`); a config's vocabulary and special ids are the
+    tokenizer's."""
     if isinstance(lm, PreTrainedModel):
         return lm
     if isinstance(lm, str):

@@ -161,6 +161,8 @@ class VLMCollator:
 
     Training batches are right-padded; generation prompts are left-padded so every row's last
     position is its last prompt token. ``max_length`` truncates on the right (never inside the image).
+    With ``num_image_tokens=0`` the image takes no positions: the text around it, for training the
+    language model alone (``dvd train lm``).
     """
 
     tokenizer: Any
@@ -196,7 +198,7 @@ class VLMCollator:
                 "(dvd.models.vlm_tokenizer.ensure_image_token)"
             )
         if self.max_length is not None and len(ids) > self.max_length:
-            image_end = len(ids) - ids[::-1].index(self.image_token_id)
+            image_end = len(ids) - ids[::-1].index(self.image_token_id) if self.num_image_tokens else 0
             if image_end > self.max_length:
                 raise ConfigError(
                     f"max_length {self.max_length} cuts the image tokens (they end at {image_end}); "
@@ -213,7 +215,7 @@ class VLMCollator:
 
     def conversations(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> VLMBatch:
         """Right-padded training batch of LLaVA conversations (malformed ones raise ValueError)."""
-        return self._pad([self.encode(conversation_turns(c)) for c in conversations], left=False)
+        return self.pad([self.encode(conversation_turns(c)) for c in conversations], left=False)
 
     def pairs(self, prompts: Sequence[str], answers: Sequence[str]) -> VLMBatch:
         """Right-padded batch of one-turn (prompt, answer) conversations (attack targets, references)."""
@@ -227,7 +229,7 @@ class VLMCollator:
         for prompt in prompts:
             question = conversation_turns(make_conversation(prompt, ""))[0][0]
             encoded.append(self.encode([(question, None)]))
-        return self._pad(encoded, left=True)
+        return self.pad(encoded, left=True)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, VLMBatch]:
         """DataLoader ``collate_fn`` for ``{"image", "conversations"}`` samples (with ``"encoded"``: their
@@ -256,9 +258,10 @@ class VLMCollator:
             raise ValueError(
                 f"all {len(samples)} samples in the batch are unusable (malformed or without image)"
             )
-        return torch.stack(images), self._pad(encoded, left=False)
+        return torch.stack(images), self.pad(encoded, left=False)
 
-    def _pad(self, encoded: list[tuple[list[int], list[int]]], *, left: bool) -> VLMBatch:
+    def pad(self, encoded: Sequence[tuple[list[int], list[int]]], *, left: bool = False) -> VLMBatch:
+        """A batch of :meth:`encode` results, right-padded (``left``: left-padded)."""
         length = max(len(ids) for ids, _ in encoded)
         batch = len(encoded)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -127,4 +128,6 @@ def batch_size(batch: Any) -> int:
         return batch_size(batch[0])
     if isinstance(batch, dict) and batch:
         return batch_size(next(iter(batch.values())))
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. a VLMBatch of token ids
+        return batch_size(getattr(batch, dataclasses.fields(batch)[0].name))
     return 1

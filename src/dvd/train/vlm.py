@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from dvd.config import ConfigError, parse_eps, to_dict
 from dvd.models.vlm_io import save_vlm
@@ -52,12 +53,15 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
 
 def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
     """The stage's model, loss and conversations, as the shared set-up takes them."""
+    if not cfg.progress:  # nor transformers' own bars (loading, saving weights)
+        hf_logging.disable_progress_bar()
     source = resolve_source(cfg.data, cfg.data_format, cfg.image_root, cfg.stage)
     vlm = build_vlm(cfg, source, env.device)
     data_template = cfg.data_template or ("plain" if cfg.stage == 1 else None)
     collator = vlm.collator(max_length=cfg.max_length, template=data_template)
     dataset = build_conversations(
-        source, image_size=vlm.image_size, collator=collator, caption_prompt=cfg.caption_prompt
+        source, image_size=vlm.image_size, collator=collator, caption_prompt=cfg.caption_prompt,
+        augment=cfg.augment, in_memory=cfg.in_memory,
     )
     steps = cfg.steps or epoch_steps(len(dataset), cfg, env)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * steps)

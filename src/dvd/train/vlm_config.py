@@ -48,6 +48,8 @@ class VlmTrainConfig(CommonTrainConfig):
     caption_prompt: str = "Describe the image briefly."  # the question of COCO caption samples
     max_length: int | None = 2048
     workers: int = 0
+    augment: bool = False  # fixed resize + centre crop (LLaVA's preprocessing is fixed); true: random crops
+    in_memory: bool = False  # decode the images once and keep them (sets that fit in RAM); augment=false
     # what trains
     train_lm: bool | None = None  # default: stage 2 only
     train_vision: bool = False
@@ -118,6 +120,9 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
         raise ConfigError(f"attack_mode {cfg.attack_mode!r} is not one of train, eval")
     if cfg.max_length is not None:
         positive_int(cfg.max_length, "max_length")
+    if cfg.in_memory and cfg.augment:
+        raise ConfigError("in_memory=true keeps each image as decoded and resized once, which a random crop "
+                          "cannot work with; set augment=false or in_memory=false")
     for name in (cfg.template, cfg.data_template):
         if name is not None:
             get_template(name)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from dvd.config import ConfigError, suggest
 from dvd.data.captions import CocoCaptions
+from dvd.data.in_memory import InMemoryRecords
 from dvd.data.instruct import LlavaInstruct
 from dvd.data.transforms import image_transform
 from dvd.models.vlm_conversation import VLMCollator, conversation_turns, make_conversation
@@ -148,10 +149,15 @@ class Conversations(Dataset):
 
 
 def build_conversations(
-    source: DataSource, *, image_size: int, collator: VLMCollator, caption_prompt: str
+    source: DataSource, *, image_size: int, collator: VLMCollator, caption_prompt: str, augment: bool = False,
+    in_memory: bool = False,
 ) -> Conversations:
-    """The training samples of ``source`` with the train-time image transform."""
-    transform = image_transform(image_size, train=True)
+    """The training samples of ``source``: images resized and centre-cropped, a fixed transform as LLaVA's
+    preprocessing is (``augment``: RandomResizedCrop, scale 0.9-1, on every read), decoded once and kept
+    (``in_memory``, fixed transform only) or on every read."""
+    if in_memory and augment:
+        raise ConfigError("in_memory=true needs augment=false (a random crop differs on every read)")
+    transform = image_transform(image_size, train=augment)
     if source.kind == "llava":
         reader: Any = LlavaInstruct(source.path, source.image_root, transform=transform)
         index = [(i, 0) for i, record in enumerate(reader.records) if record["paths"] is not None]
@@ -173,6 +179,8 @@ def build_conversations(
         ]
     if not index:
         raise ValueError(f"{source.path}: no conversation with an image; check the file")
+    if in_memory:
+        reader = InMemoryRecords(reader, sorted({record for record, _ in index}), name=str(source.path))
     return Conversations(reader, index, kind=source.kind, collator=collator, caption_prompt=caption_prompt)
 
 
