@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from dvd.config import ConfigError, positive_int, suggest
 from dvd.eval.arguments import CommonOptions, add_common_arguments, parse_common
@@ -109,6 +110,8 @@ def load_model(
 
 def load_from_args(args: argparse.Namespace) -> VisionLanguageModel:
     """The VLM named by ``--model`` (``--device``, ``--dtype``, ``--model-base``)."""
+    if getattr(args, "no_progress", False):  # nor transformers' own bar (loading the weights)
+        hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, model_base=args.model_base)
 
 

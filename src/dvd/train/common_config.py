@@ -40,3 +40,15 @@ def check_common(cfg: CommonTrainConfig) -> None:
         raise ConfigError(f"log_every must be >= 0, got {cfg.log_every}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ConfigError(f"distributed {cfg.distributed!r} is not one of ddp, fsdp")
+
+
+def check_length(cfg: CommonTrainConfig) -> None:
+    """One-line errors for a run's length: ``batch_size``, ``accum_steps`` and ``checkpoint_every`` >= 1,
+    ``steps`` >= 1 or, unset, ``epochs`` > 0 (the keys of the trainers that count in epochs)."""
+    for name in ("batch_size", "accum_steps", "checkpoint_every"):
+        positive_int(getattr(cfg, name), name)
+    steps, epochs = getattr(cfg, "steps", None), getattr(cfg, "epochs", None)
+    if steps is not None:
+        positive_int(steps, "steps")
+    elif not epochs > 0:
+        raise ConfigError(f"epochs must be > 0, got {epochs}")

@@ -34,7 +34,7 @@ from dvd.models.vlm_tokenizer import ensure_image_token
 from dvd.train.checkpoint import non_finite_tensors
 from dvd.train.clip_data import make_loader_factory
 from dvd.train.command import training_cli
-from dvd.train.common_config import CommonTrainConfig, check_common
+from dvd.train.common_config import CommonTrainConfig, check_common, check_length
 from dvd.train.distributed import DistEnv, unwrap, wrap_model
 from dvd.train.loop import StepInfo
 from dvd.train.rng import seed_everything
@@ -78,12 +78,7 @@ def check_config(cfg: LmTrainConfig) -> LmTrainConfig:
     check_common(cfg)
     if cfg.distributed != "ddp":
         raise ConfigError("dvd train lm runs with distributed=ddp (a model it trains fits on one device)")
-    for name in ("batch_size", "accum_steps", "checkpoint_every"):
-        positive_int(getattr(cfg, name), name)
-    if cfg.steps is not None:
-        positive_int(cfg.steps, "steps")
-    elif not cfg.epochs > 0:
-        raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
+    check_length(cfg)
     if cfg.max_length is not None:
         positive_int(cfg.max_length, "max_length")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

@@ -11,7 +11,7 @@ import torch
 
 from dvd.config import ConfigError, parse_eps, positive_int
 from dvd.models.vlm_conversation import get_template
-from dvd.train.common_config import CommonTrainConfig, check_common
+from dvd.train.common_config import CommonTrainConfig, check_common, check_length
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the demo's language model: a tiny random Llama (vocabulary size and special ids come from the tokenizer)
@@ -97,12 +97,7 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
     if cfg.lora and not cfg.train_lm:
         raise ConfigError("lora=true adapts the language model; set train_lm=true (or lora=false)")
     check_common(cfg)
-    for name in ("batch_size", "accum_steps", "checkpoint_every"):
-        positive_int(getattr(cfg, name), name)
-    if cfg.steps is not None:
-        positive_int(cfg.steps, "steps")
-    elif not cfg.epochs > 0:
-        raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
+    check_length(cfg)
     for name in ("workers", "eps_warmup_steps"):
         if int(getattr(cfg, name)) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
