@@ -1,5 +1,6 @@
 """``dvd train lm``: the LLaVA's language model learns the world's conversations from their text alone (the
-image takes no position, the loss is on the answers), resumes exactly, and is the ``lm`` a VLM starts from."""
+image takes no position, the loss is on the answers), resumes exactly, runs under a 2-process torchrun, and is
+the ``lm`` a VLM starts from."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from _train_helpers import run, torchrun_command
 from dvd.cli import main as dvd_main
 from dvd.config import ConfigError, load_config
 from dvd.models.vlm_conversation import IGNORE_INDEX, IMAGE_TOKEN, VLMCollator, get_template
@@ -138,3 +140,14 @@ def test_the_shipped_lm_recipe_is_a_valid_config_for_the_vlms_template():
 
     cfg = check_config(load_config(LmTrainConfig, Path(__file__).parents[1] / "configs" / "lm_demo.yaml"))
     assert cfg.template == "vicuna_v1_short" and cfg.tokenizer == "shapesworld"
+
+
+def test_two_process_torchrun_trains_both_ranks_in_step_and_rank_0_saves_the_final_model(world, tmp_path):
+    out = tmp_path / "ddp"
+    result = run(torchrun_command("dvd.train.lm", lm_args(world, out, "steps=4", "checkpoint_every=2",
+                                                          "device=cpu")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "step-000000004" / "train_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["data"][0]["samples"] == state["data"][1]["samples"] == 32
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
