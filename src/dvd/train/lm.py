@@ -43,7 +43,7 @@ from dvd.train.setup import Job, train_job
 from dvd.train.vlm import epoch_steps
 from dvd.train.vlm_config import TINY_LLAMA
 from dvd.train.vlm_data import SHAPESWORLD_FILES, DataSource, is_shapesworld
-from dvd.train.vlm_model import load_tokenizer
+from dvd.train.vlm_model import decays, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def lm_job(cfg: LmTrainConfig, env: DistEnv) -> Job:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * steps)
     seed_everything(cfg.seed, env.rank)
     model = wrap_model(TextStep(lm), env, strategy="ddp")
-    decay = [p for n, p in lm.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    rest = [p for n, p in lm.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    decay = [p for n, p in lm.named_parameters() if decays(n, p)]
+    rest = [p for n, p in lm.named_parameters() if not decays(n, p)]
     groups = [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "lm"},
               {"params": rest, "lr": cfg.lr, "weight_decay": 0.0, "name": "lm_no_decay"}]
     return Job(

@@ -115,9 +115,6 @@ def check_config(cfg: VlmTrainConfig) -> VlmTrainConfig:
         raise ConfigError(f"attack_mode {cfg.attack_mode!r} is not one of train, eval")
     if cfg.max_length is not None:
         positive_int(cfg.max_length, "max_length")
-    if cfg.in_memory and cfg.augment:
-        raise ConfigError("in_memory=true keeps each image as decoded and resized once, which a random crop "
-                          "cannot work with; set augment=false or in_memory=false")
     for name in (cfg.template, cfg.data_template):
         if name is not None:
             get_template(name)

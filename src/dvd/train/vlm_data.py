@@ -156,7 +156,8 @@ def build_conversations(
     preprocessing is (``augment``: RandomResizedCrop, scale 0.9-1, on every read), decoded once and kept
     (``in_memory``, fixed transform only) or on every read."""
     if in_memory and augment:
-        raise ConfigError("in_memory=true needs augment=false (a random crop differs on every read)")
+        raise ConfigError("in_memory=true keeps each image as decoded and resized once, which a random crop "
+                          "cannot work with; set augment=false or in_memory=false")
     transform = image_transform(image_size, train=augment)
     if source.kind == "llava":
         reader: Any = LlavaInstruct(source.path, source.image_root, transform=transform)

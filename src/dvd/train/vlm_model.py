@@ -166,6 +166,11 @@ def set_trainable(vlm: VisionLanguageModel, *, projector: bool, lm: bool, vision
                 p.requires_grad_(True)
 
 
+def decays(name: str, p: nn.Parameter) -> bool:
+    """Whether weight decay applies to parameter ``name``: matrices, not norms or biases."""
+    return p.ndim >= 2 and "norm" not in name and "bias" not in name
+
+
 def optimizer_groups(
     vlm: VisionLanguageModel, *, lrs: dict[str, float], weight_decay: float
 ) -> list[dict[str, Any]]:
@@ -176,8 +181,7 @@ def optimizer_groups(
         if not p.requires_grad:
             continue
         part = part_of.get(id(p), "lm")  # LoRA adapters live in the language model
-        decay = p.ndim >= 2 and "norm" not in name and "bias" not in name
-        groups.setdefault((part, decay), []).append(p)
+        groups.setdefault((part, decays(name, p)), []).append(p)
     out = []
     for part in PARTS:
         for decay in (True, False):
