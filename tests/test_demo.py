@@ -19,6 +19,7 @@ from dvd.demo_preset import (
     VLM_EVALS,
     VLM_MODELS,
     DemoPreset,
+    ZeroShotBudget,
     load_preset,
 )
 from dvd.eval.results import read_rows
@@ -262,11 +263,13 @@ def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_bat
             "caption": "references", "vqa": "references", "scienceqa": "apgd"}.get(task)
     quick = load_preset("quick").vlm_eval
     assert (quick.attack, quick.batch_size) == ("references", 50)
+    from dvd.attacks.robustness import CHECK_QUERIES
     from dvd.eval.spec import VLM_DEFAULTS
     from dvd.eval.vlm_attack import REFERENCE_ATTACKS
 
     # the preset module's import-light copies of the evaluations' own choices and default
     assert VLM_EVAL_ATTACKS == tuple(a for a in REFERENCE_ATTACKS if a != "none")
+    assert ZeroShotBudget().check_queries == CHECK_QUERIES
     assert test.vlm_eval.batch_size == VLM_DEFAULTS["batch_size"]
 
 

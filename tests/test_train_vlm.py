@@ -264,6 +264,24 @@ def test_in_memory_decodes_each_image_once_and_gives_the_samples_read_from_disk(
     assert not all(torch.equal(crops[0]["image"], crops[0]["image"]) for _ in range(5))  # a crop per read
 
 
+def test_conversation_lengths_come_from_the_text_alone_and_match_the_collated_tokens(world, tmp_path,
+                                                                                     monkeypatch):
+    import dvd.data.image_text as image_text
+
+    cfg = tiny_config(world, tmp_path, "stage=2")
+    source = resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2)
+    collator = build_vlm(cfg, source).collator()
+    data = build_conversations(source, image_size=32, collator=collator, caption_prompt="")
+    decoded = []
+    decode = image_text.decode_image
+    monkeypatch.setattr(image_text, "decode_image", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    lengths = data.lengths()
+    assert not decoded and len(lengths) == len(data) and len(set(lengths)) > 1
+    for i in range(len(data)):
+        _, batch = collator([data[i]])
+        assert batch.input_ids.shape[1] == lengths[i]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

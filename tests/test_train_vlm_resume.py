@@ -58,7 +58,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run_bitwise(world, tmp_path):
-    steps = ["steps=8", "checkpoint_every=2"]  # 8 steps of 8 cross the 6-batch epoch boundary
+    # 8 steps of 8 cross the 6-batch epoch boundary; batches grouped by length, whose order is replayed too
+    steps = ["steps=8", "checkpoint_every=2", "group_by_length=true"]
     whole = run(module_command(MODULE, args(world, tmp_path / "whole", *steps)))
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -73,7 +74,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run_bitwise(world, tm
 
 
 def test_two_process_torchrun_adversarial_stage2_trains_checkpoints_and_resumes(world, tmp_path):
-    first = run(torchrun_command(MODULE, args(world, tmp_path, "steps=4", "checkpoint_every=2", "stop_at=2")))
+    grouped = "group_by_length=true"  # each rank takes its batch of every global batch
+    first = run(torchrun_command(MODULE, args(world, tmp_path, "steps=4", "checkpoint_every=2", "stop_at=2",
+                                              grouped)))
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (tmp_path / "final").exists()
     state = torch.load(tmp_path / "checkpoints" / "step-000000002" / "train_state.pt", weights_only=True)
@@ -82,7 +85,8 @@ def test_two_process_torchrun_adversarial_stage2_trains_checkpoints_and_resumes(
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
     second = run(
-        torchrun_command(MODULE, args(world, tmp_path, "steps=4", "checkpoint_every=2", "resume=latest"))
+        torchrun_command(MODULE, args(world, tmp_path, "steps=4", "checkpoint_every=2", "resume=latest",
+                                      grouped))
     )
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads(second.stdout.strip().splitlines()[-1])

@@ -123,10 +123,41 @@ def test_the_escalation_budget_is_a_setting(photos: Path, monkeypatch: pytest.Mo
     assert "escalated" in row.flags and budgets and set(budgets) == {30}
 
 
+def test_the_check_budget_is_a_setting(photos: Path, monkeypatch: pytest.MonkeyPatch):
+    """--check-queries sets the gradient-free check's Square budget on the samples APGD left standing
+    (default 200); the check runs on the survivors only, with that budget."""
+    from dvd.attacks import robustness
+    from dvd.data.transforms import image_transform
+    from dvd.data.zeroshot import load_zeroshot
+    from dvd.eval.zeroshot import evaluate_zeroshot
+    from dvd.models.clip import create_clip
+
+    calls = []
+
+    def recording_square(objective, x, *, queries, **kwargs):
+        calls.append((queries, x.shape[0]))
+        return square_attack(objective, x, queries=queries, **kwargs)
+
+    square_attack = robustness.square_attack
+    monkeypatch.setattr(robustness, "square_attack", recording_square)
+    torch.manual_seed(0)
+    model = create_clip("dvd-tiny-vit")
+    data = load_zeroshot(photos, transform=image_transform(model.image_size), split="test")
+    for queries in (robustness.CHECK_QUERIES, 7):
+        calls.clear()
+        settings = {} if queries == robustness.CHECK_QUERIES else {"check_queries": queries}
+        (row,) = evaluate_zeroshot(model, data, eps_list=[1 / 255], attack="apgd-ce", steps=2, limit=6,
+                                   progress=False, **settings)
+        survivors = round(row.adversarial * row.n)
+        assert survivors > 0 and {q for q, _ in calls} == {queries}  # APGD left some standing: checked
+        assert sum(n for _, n in calls) >= survivors
+
+
+@pytest.mark.parametrize("flag", ["--escalation-queries", "--check-queries"])
 @pytest.mark.parametrize("value", ["0", "-5", "many"])
-def test_a_bad_escalation_budget_is_a_one_line_error(value: str, photos: Path):
+def test_a_bad_square_budget_is_a_one_line_error(flag: str, value: str, photos: Path):
     from dvd.config import ConfigError
     from dvd.eval.zeroshot import cli
 
-    with pytest.raises(ConfigError, match="--escalation-queries"):
-        cli(["--model", "dvd-tiny-vit", "--dataset", str(photos), "--escalation-queries", value])
+    with pytest.raises(ConfigError, match=flag):
+        cli(["--model", "dvd-tiny-vit", "--dataset", str(photos), flag, value])

@@ -255,6 +255,8 @@ def test_flags_that_would_change_the_published_attack_are_refused(standins, tmp_
     # the protocol runs without the masking checks, so an escalation budget would be silently unused
     assert run(standins, tmp_path / "r.json", "--escalation-queries", "1000") == 2
     assert "drop --escalation-queries" in capsys.readouterr().err
+    assert run(standins, tmp_path / "r.json", "--check-queries", "50") == 2
+    assert "drop --check-queries" in capsys.readouterr().err
 
 
 def test_multilabel_datasets_are_left_out_up_front(tmp_path, capsys) -> None:

@@ -155,8 +155,9 @@ class Demo:
     def run(self, *, only: Sequence[str] = (), jobs: int = 1, report: bool = True) -> dict[str, Any]:
         """Run every unfinished stage (or those whose names start with one of ``only``), then the report.
 
-        ``jobs=N`` writes the world, then starts N worker processes (``dvd demo --worker``) that take up
-        the remaining stages one at a time (:meth:`schedule`), each as soon as its inputs are done.
+        ``jobs=N`` starts N worker processes (``dvd demo --worker``) that take up the stages one at a time
+        (:meth:`schedule`), each as soon as its inputs are done; this process writes the world while they
+        start up (importing torch takes seconds).
         """
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
@@ -164,8 +165,12 @@ class Demo:
         if self.worker is not None:
             self._work()
         elif jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
-            self._run_stages(["world"])
-            self._run_workers(jobs)
+            world = self.stages()[0]
+            if world.done():
+                self._run_workers(jobs)
+            else:  # claimed before the workers start, written while they import
+                self.ledger.record(world.name, status="running", started=now(), run=self.run_id)
+                self._run_workers(jobs, meanwhile=lambda: self._run_stage(world))
         else:  # in turn, or nothing left to run (no worker processes to start just to reuse everything)
             self._run_stages(only)
         if not report:
@@ -181,7 +186,7 @@ class Demo:
         self._say(f"[demo] report written to {report_path} ({time.perf_counter() - total:.0f} s this run)")
         return {"report": str(report_path), "results": str(self.out / "results.json"), "failed": self.failed}
 
-    def _run_workers(self, jobs: int) -> None:
+    def _run_workers(self, jobs: int, meanwhile: Callable[[], None] | None = None) -> None:
         run = self.run_id  # tells this run's claims from a killed run's leftovers
         argv = [sys.executable, "-m", "dvd.cli", "demo", "--out", str(self.out), "--preset", self.preset.name,
                 "--device", self.device, "--threads", str(self.threads), "--no-report",
@@ -192,6 +197,8 @@ class Demo:
         try:
             for worker in range(1, jobs + 1):
                 children.append(subprocess.Popen([*argv, "--worker", f"{run}/{worker}"]))
+            if meanwhile is not None:
+                meanwhile()
             codes = [child.wait() for child in children]
         except KeyboardInterrupt:
             for child in children:  # they got the same Ctrl-C; let them record where they stopped
@@ -201,7 +208,8 @@ class Demo:
             raise KeyboardInterrupt
         self._record_lost(run, codes)
         self.ledger = Ledger.load(self.ledger.path)  # the workers recorded their stages
-        self.failed += [n for n, info in self.ledger.entries.items() if info.get("status") == "failed"]
+        self.failed += [n for n, info in self.ledger.entries.items()
+                        if info.get("status") == "failed" and n not in self.failed]
 
     def _record_lost(self, run: str, codes: Sequence[int]) -> None:
         """After the workers of ``run`` exited (statuses ``codes``, worker k's at k - 1): a stage a dead
@@ -394,7 +402,8 @@ class Demo:
         p, z = self.preset, self.preset.zeroshot
         module, steps, limit, extra = {
             "zeroshot": (zeroshot, z.steps, z.limit,
-                         ["--attack", z.attack, "--escalation-queries", str(z.escalation_queries)]),
+                         ["--attack", z.attack, "--escalation-queries", str(z.escalation_queries),
+                          "--check-queries", str(z.check_queries)]),
             "retrieval": (retrieval, p.retrieval.steps, p.retrieval.limit, ["--split", "test"]),
         }[task]
 

@@ -67,6 +67,9 @@ class ZeroShotBudget:
     # Square Attack queries when a gradient-masking check fires (--escalation-queries; 5000 is AutoAttack
     # standard's budget)
     escalation_queries: int = 5000
+    # Square Attack queries of the gradient-free check on the samples APGD left standing (--check-queries;
+    # 200 is dvd.attacks.robustness.CHECK_QUERIES)
+    check_queries: int = 200
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class DemoPreset:
             del out["world"]["spec"]
         if not self.lm_training:  # likewise without a shared LM
             del out["lm_training"]
+        if out["zeroshot"]["check_queries"] == ZeroShotBudget().check_queries:  # likewise at its default
+            del out["zeroshot"]["check_queries"]
         defaults = dataclasses.asdict(VlmEvalBudget())
         for key in ("vqa_limit", "attack", "batch_size"):  # likewise, at their defaults
             if out["vlm_eval"][key] == defaults[key]:

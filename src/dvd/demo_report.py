@@ -107,8 +107,10 @@ def render_markdown(
         f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot.limit} "
         "test images each, text classifier from class names × templates. Attack: "
         f"{p.zeroshot.attack.upper()} with {p.zeroshot.steps} steps, L∞ eps {', '.join(p.eps)} (the "
-        "paper's protocol, minus APGD-T); when a gradient-masking check fires, a Square Attack with "
-        f"{p.zeroshot.escalation_queries} queries runs on the survivors and counts. Accuracy in %.\n"
+        "paper's protocol, minus APGD-T), then a gradient-free check (a Square Attack of "
+        f"{p.zeroshot.check_queries} queries on the samples APGD left standing); when a gradient-masking "
+        f"check fires, a Square Attack with {p.zeroshot.escalation_queries} queries runs on the survivors. "
+        "Samples either Square run breaks count as broken. Accuracy in %.\n"
     )
     zeroshot = [r for r in rows if r["task"] == "zeroshot"]
     add(markdown_table(_ordered(average_rows(zeroshot, task="zeroshot") + zeroshot)) + "\n")
@@ -401,8 +403,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         lines.append(f"  - {name}: " + ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg))
     lines.append(
         f"- Attacks at evaluation: zero-shot {p.zeroshot.attack.upper()} {p.zeroshot.steps} steps on "
-        f"{p.zeroshot.limit} images per task (Square {p.zeroshot.escalation_queries} queries where a masking "
-        f"check fires); retrieval APGD {p.retrieval.steps} steps on {p.retrieval.limit} images; "
+        f"{p.zeroshot.limit} images per task (a Square check of {p.zeroshot.check_queries} queries on APGD's "
+        f"survivors; Square {p.zeroshot.escalation_queries} queries where a masking check fires); retrieval "
+        f"APGD {p.retrieval.steps} steps on {p.retrieval.limit} images; "
         f"L∞ eps {', '.join(p.eps)}, images in [0, 1] (normalisation inside the model)."
     )
     lines.append(

@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Sequence
 
 from dvd.attacks.escalation import ESCALATION_QUERIES
+from dvd.attacks.robustness import CHECK_QUERIES
 from dvd.config import ConfigError, positive_int
 from dvd.eval import options
 from dvd.eval.arguments import parse_common
@@ -84,6 +85,12 @@ def cli(argv: Sequence[str]) -> int:
         help="Square Attack queries when a gradient-masking check fires (default 5000: AutoAttack standard)",
     )
     parser.add_argument(
+        "--check-queries",
+        default=str(CHECK_QUERIES),
+        help=f"Square Attack queries of the gradient-masking check on the samples APGD left standing "
+        f"(default {CHECK_QUERIES})",
+    )
+    parser.add_argument(
         "--no-carry-over",
         action="store_true",
         help="attack every sample at every budget (default: one already broken at a smaller eps is not)",
@@ -95,6 +102,7 @@ def cli(argv: Sequence[str]) -> int:
         raise ConfigError("give --dataset (repeatable) or --protocol robustvlm|dvd")
     eot = None if args.eot is None else positive_int(args.eot, "--eot")
     escalation_queries = positive_int(args.escalation_queries, "--escalation-queries")
+    check_queries = positive_int(args.check_queries, "--check-queries")
     workers = options.workers(args.workers)
     common = parse_common(args, kind="CLIP", check_attack=resolve_attacks, precision=args.attack_precision)
     model, transform = load_clip(args, common.spec.model_name)
@@ -105,6 +113,6 @@ def cli(argv: Sequence[str]) -> int:
             spec = common.spec.replace(dataset_name=name)
             carry_over = not args.no_carry_over
             rows = evaluate_zeroshot(model, data, spec, workers=workers, eot=eot, carry_over=carry_over,
-                                     escalation_queries=escalation_queries)
+                                     escalation_queries=escalation_queries, check_queries=check_queries)
             all_rows += write_marked(common.out, rows, common.checkpoint)
     return finish(all_rows, common.out, common.state_dir)  # every (dataset, eps) of this run is in the file

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dvd import attacks as attack_library
 from dvd.attacks.escalation import ESCALATION_QUERIES
+from dvd.attacks.robustness import CHECK_QUERIES
 from dvd.config import ConfigError
 from dvd.eval.batching import evaluation_mode, stream_batches, total_samples
 from dvd.eval.results import ResultRow, eps_text, flag_rising_robustness, load_state, save_state, state_path
@@ -45,6 +46,7 @@ def evaluate_zeroshot(
     eot: int | None = None,
     carry_over: bool = True,
     escalation_queries: int = ESCALATION_QUERIES,
+    check_queries: int = CHECK_QUERIES,
     **settings: Any,
 ) -> list[ResultRow]:
     """Clean and robust zero-shot accuracy on ``data`` for every budget in ``spec.eps_list``.
@@ -59,7 +61,9 @@ def evaluate_zeroshot(
     (:mod:`dvd.eval.samples`). Budgets are evaluated in ascending order; with ``carry_over`` a sample not
     robust at a smaller eps is not attacked again at a larger one (:mod:`dvd.eval.zeroshot_carry`).
     ``escalation_queries``: the Square Attack's budget when a gradient-masking check fires (AutoAttack
-    standard's 5000 unless told; the rows' ``escalated`` flag states the budget used).
+    standard's 5000 unless told; the rows' ``escalated`` flag states the budget used). ``check_queries``:
+    the gradient-free check's Square queries on the samples APGD left standing (200 unless told; any
+    sample it breaks counts as broken and fires the escalation).
     """
     spec = EvalSpec.of(spec, settings, **clip_defaults(model, data), attack="apgd-ce")
     attacks = resolve_attacks(spec.attack)
@@ -90,6 +94,7 @@ def evaluate_zeroshot(
                 fingerprint=fingerprint,
                 eot=eot,
                 escalation_queries=escalation_queries,
+                check_queries=check_queries,
                 carry=carry if carry_over and eps > 0 else None,
                 carried_from=carried_from if carry_over and eps > 0 else None,
             )
@@ -116,6 +121,7 @@ class _Budget:
     fingerprint: str
     eot: int | None = None
     escalation_queries: int = ESCALATION_QUERIES
+    check_queries: int = CHECK_QUERIES
     carry: Carry | None = None  # the samples of the next smaller budget (None: attack every sample)
     carried_from: float | None = None
     next_carry: Carry = field(default_factory=Carry)  # this budget's samples, for the next larger one
@@ -158,9 +164,13 @@ class _Budget:
         }
 
     def _escalation_key(self) -> dict[str, int]:
-        """The Square budget, only when not the default: states saved before the option still resume."""
-        queries = self.escalation_queries
-        return {} if queries == ESCALATION_QUERIES else {"escalation_queries": queries}
+        """The Square budgets, only when not the defaults: states saved before the options still resume."""
+        key = {}
+        if self.escalation_queries != ESCALATION_QUERIES:
+            key["escalation_queries"] = self.escalation_queries
+        if self.check_queries != CHECK_QUERIES:
+            key["check_queries"] = self.check_queries
+        return key
 
     def state_path(self, state_dir: str | Path | None) -> Path | None:
         if state_dir is None:
@@ -291,6 +301,7 @@ class _Budget:
             check=self.check,
             eot=self.eot,
             escalation_queries=self.escalation_queries,
+            check_queries=self.check_queries,
         )  # scores: 0/1 per sample, or the fraction over fresh draws for a randomised model
         outcome = Outcome(
             result.clean_score.cpu(),

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from dvd.attacks.escalation import ESCALATION_QUERIES
+from dvd.attacks.robustness import CHECK_QUERIES
 from dvd.config import ConfigError, suggest
 from dvd.data.transforms import ImageTransform, plain_tensor
 from dvd.data.wds_selection import SelectedSamples, Selection
@@ -128,6 +129,7 @@ def _check_fixed_flags(args: argparse.Namespace, protocol: Protocol) -> None:
         "--steps": str(args.steps) != "100",
         "--attack-precision": args.attack_precision is not None,
         "--escalation-queries": str(args.escalation_queries) != str(ESCALATION_QUERIES),  # checks are off
+        "--check-queries": str(args.check_queries) != str(CHECK_QUERIES),
         "--dataset": bool(args.dataset),
     }
     given = [flag for flag, differs in changed.items() if differs]

@@ -28,6 +28,7 @@ from dvd.models.clip import DvdCLIP
 from dvd.train.clip_config import ClipTrainConfig
 from dvd.train.clip_groups import grouped_pairs
 from dvd.train.distributed import DistEnv
+from dvd.train.length_groups import length_grouped, rank_share
 from dvd.train.rng import derived_seed
 
 
@@ -125,9 +126,12 @@ class IndexedStream(IterableDataset):
 
 
 def make_loader_factory(
-    dataset: Any, *, cfg: ClipTrainConfig, env: DistEnv, collate: Callable[[Sequence[Any]], Any]
+    dataset: Any, *, cfg: ClipTrainConfig, env: DistEnv, collate: Callable[[Sequence[Any]], Any],
+    lengths: Sequence[int] | None = None,
 ) -> Callable[[int], Iterable[Any]]:
-    """``segment -> DataLoader``: segment = epoch (reshuffled with seed + epoch) or resampled block."""
+    """``segment -> DataLoader``: segment = epoch (reshuffled with seed + epoch) or resampled block.
+    ``lengths`` (one per sample of a map-style ``dataset``): batches of similar length
+    (:mod:`dvd.train.length_groups`)."""
 
     def make(segment: int) -> Iterable[Any]:
         if isinstance(dataset, IterableDataset):
@@ -135,11 +139,16 @@ def make_loader_factory(
                 dataset.set_epoch(segment)
             source: Any = dataset
         else:
-            order = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, segment))
-            )  # the same order on every rank, then split
-            share = len(order) // env.world_size
-            source = IndexedStream(dataset, order[env.rank * share : (env.rank + 1) * share].tolist())
+            generator = torch.Generator().manual_seed(derived_seed(cfg.seed, segment))
+            order = torch.randperm(len(dataset), generator=generator)  # the same on every rank, then split
+            if lengths is not None:
+                layout = {"batch_size": cfg.batch_size, "world_size": env.world_size}
+                order = length_grouped(order, lengths, generator=generator, **layout)
+                mine = rank_share(order, rank=env.rank, **layout)
+            else:
+                share = len(order) // env.world_size
+                mine = order[env.rank * share : (env.rank + 1) * share]
+            source = IndexedStream(dataset, mine.tolist())
         return DataLoader(
             source, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate, drop_last=True,
             persistent_workers=False, pin_memory=env.device.type == "cuda",

@@ -84,10 +84,12 @@ def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
     kind = "Δ²" if cfg.adversarial else "clean"
     return Job(
         model=model, groups=optimizer_groups(vlm, lrs=lrs, weight_decay=cfg.weight_decay), loss_fn=loss_fn,
-        make_loader=make_loader_factory(dataset, cfg=cfg, env=env, collate=collator),
+        make_loader=make_loader_factory(dataset, cfg=cfg, env=env, collate=collator,
+                                        lengths=dataset.lengths() if cfg.group_by_length else None),
         data_name=str(source.path), steps=steps, warmup_steps=warmup,
         fingerprint={"stage": cfg.stage, "adversarial": cfg.adversarial, "lora": cfg.lora,
-                     "vocab_size": len(vlm.tokenizer), "steps": steps},
+                     "vocab_size": len(vlm.tokenizer), "steps": steps,
+                     **({"group_by_length": True} if cfg.group_by_length else {})},  # the data order
         description=f"stage {cfg.stage} {kind} vlm",
         export=functools.partial(export_final, cfg, model, source, env=env),
         summary=lambda: {"skipped_samples": dataset.skipped},

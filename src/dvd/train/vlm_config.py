@@ -50,6 +50,8 @@ class VlmTrainConfig(CommonTrainConfig):
     workers: int = 0
     augment: bool = False  # fixed resize + centre crop (LLaVA's preprocessing is fixed); true: random crops
     in_memory: bool = False  # decode the images once and keep them (sets that fit in RAM); augment=false
+    # batches of conversations of similar length (less padding; Hugging Face's / LLaVA's group_by_length)
+    group_by_length: bool = False
     # what trains
     train_lm: bool | None = None  # default: stage 2 only
     train_vision: bool = False

@@ -117,16 +117,35 @@ class Conversations(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def _conversation(self, fields: dict[str, Any], caption: int) -> Any:
+        if self.kind in ("coco", "karpathy"):
+            return make_conversation(self.caption_prompt, fields["captions"][caption])
+        return fields["conversations"]
+
+    def lengths(self) -> list[int]:
+        """Each sample's length in tokens, from the text alone (no image is read); 0 for one that cannot be
+        encoded (it is skipped when read). For length-grouped batches."""
+        out = []
+        for i, (record, caption) in enumerate(self.index):
+            encoded = self._encoded.get(i)
+            if encoded is None:
+                try:
+                    fields = self.reader.records[record]["fields"]
+                    encoded = self.collator.encode(conversation_turns(self._conversation(fields, caption)))
+                except (ValueError, KeyError, TypeError, IndexError):
+                    out.append(0)
+                    continue
+                self._encoded[i] = encoded
+            out.append(len(encoded[0]))
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         record, caption = self.index[i]
         item = self.reader[record]
         if item is None or item.get("image") is None:
             self.skipped_indices.add(i)
             return None
-        if self.kind in ("coco", "karpathy"):
-            conversation = make_conversation(self.caption_prompt, item["captions"][caption])
-        else:
-            conversation = item["conversations"]
+        conversation = self._conversation(item, caption)
         encoded = self._encoded.get(i)
         if encoded is None:
             try:
