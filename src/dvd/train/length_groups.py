@@ -29,11 +29,11 @@ def length_grouped(order: torch.Tensor, lengths: Sequence[int], *, batch_size: i
         return order[:0]
     # at least four megabatches where the data allows, as Hugging Face's sampler does
     per_mega = max(1, min(MEGABATCH_BATCHES, batches // 4))
-    length = torch.as_tensor(lengths, dtype=torch.long)[order[: batches * size]]
     kept = order[: batches * size]
+    length = torch.as_tensor(lengths, dtype=torch.long)[kept]
     grouped = []
-    for start in range(0, batches * size, per_mega * size):
-        part = slice(start, min(start + per_mega * size, batches * size))
+    for start in range(0, len(kept), per_mega * size):
+        part = slice(start, start + per_mega * size)
         rank = torch.sort(length[part], descending=True, stable=True).indices
         grouped.append(kept[part][rank])
     global_batches = torch.cat(grouped).view(batches, size)

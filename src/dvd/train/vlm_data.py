@@ -122,21 +122,23 @@ class Conversations(Dataset):
             return make_conversation(self.caption_prompt, fields["captions"][caption])
         return fields["conversations"]
 
+    def _encode(self, i: int, conversation: Any) -> tuple[list[int], list[int]]:
+        """Sample ``i``'s token ids and labels, tokenised on first use and kept (errors propagate)."""
+        encoded = self._encoded.get(i)
+        if encoded is None:
+            encoded = self._encoded[i] = self.collator.encode(conversation_turns(conversation))
+        return encoded
+
     def lengths(self) -> list[int]:
         """Each sample's length in tokens, from the text alone (no image is read); 0 for one that cannot be
         encoded (it is skipped when read). For length-grouped batches."""
         out = []
         for i, (record, caption) in enumerate(self.index):
-            encoded = self._encoded.get(i)
-            if encoded is None:
-                try:
-                    fields = self.reader.records[record]["fields"]
-                    encoded = self.collator.encode(conversation_turns(self._conversation(fields, caption)))
-                except (ValueError, KeyError, TypeError, IndexError):
-                    out.append(0)
-                    continue
-                self._encoded[i] = encoded
-            out.append(len(encoded[0]))
+            try:
+                fields = self.reader.records[record]["fields"]
+                out.append(len(self._encode(i, self._conversation(fields, caption))[0]))
+            except (ValueError, KeyError, TypeError, IndexError):
+                out.append(0)
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
@@ -146,18 +148,15 @@ class Conversations(Dataset):
             self.skipped_indices.add(i)
             return None
         conversation = self._conversation(item, caption)
-        encoded = self._encoded.get(i)
-        if encoded is None:
-            try:
-                encoded = self.collator.encode(conversation_turns(conversation))
-            except ConfigError:
-                raise
-            except (ValueError, KeyError, TypeError) as error:
-                if i not in self.skipped_indices and self.skipped < 3:
-                    log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
-                self.skipped_indices.add(i)
-                return None
-            self._encoded[i] = encoded
+        try:
+            encoded = self._encode(i, conversation)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError) as error:
+            if i not in self.skipped_indices and self.skipped < 3:
+                log.warning("skipping sample %d of %s: %s", record, self.reader.source, error)
+            self.skipped_indices.add(i)
+            return None
         return {"image": item["image"], "conversations": conversation, "encoded": encoded}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
