@@ -557,3 +557,50 @@ def test_a_preset_may_train_one_lm_for_every_vlm_first_from_text_alone(tmp_path:
     plain = demo_module.Demo(tmp_path / "plain", load_preset("test"))
     assert "train lm" not in {s.name for s in plain.stages()}
     assert "lm" not in plain.vlm_config("clean-llava", "clean-clip", "stage1")
+
+
+def test_a_worker_ends_when_its_demo_is_killed_outright(tmp_path: Path) -> None:
+    """A real parent process starts a worker-like child (watching its parent as ``dvd demo --worker`` does),
+    then dies by SIGKILL; the child must not run on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready"  # the child's pid, written once it watches its parent
+    child_code = (
+        "import os, time; from dvd.demo_stages import exit_with_parent; exit_with_parent(0.1); "
+        f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent_code = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child_code!r}]); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.monotonic() + 60
+    while not (ready.is_file() and ready.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(ready.read_text())
+    time.sleep(0.5)
+    assert _running(child)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker kept running after its parent was killed")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by whoever adopts it, maybe late)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "State:\tZ" in status.read_text())

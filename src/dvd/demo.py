@@ -54,7 +54,7 @@ from dvd.demo_preset import (
 )
 from dvd.demo_report import write_report
 from dvd.demo_seeds import parse_seeds, run_seeds
-from dvd.demo_stages import Ledger, Stage, check, load_average, now, quiet_stdout
+from dvd.demo_stages import Ledger, Stage, check, exit_with_parent, load_average, now, quiet_stdout
 from dvd.eval import retrieval, zeroshot
 from dvd.eval.report import average_rows
 from dvd.eval.results import read_rows
@@ -559,6 +559,7 @@ def cli(argv: Sequence[str]) -> int:
         if args.worker is not None:
             run, _, worker = args.worker.rpartition("/")
             demo.run_id, demo.worker = run, int(worker)
+            exit_with_parent()
         summary = demo.run(only=args.only, jobs=args.jobs, report=not args.no_report)
         failed.extend(f"{name} (seed {seed})" if len(seeds) > 1 else name for name in demo.failed)
         return summary

@@ -223,7 +223,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama{_shared_lm(p)}) trained in LLaVA's two "
         "stages with the same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior "
         f"art), delta-llava (ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on "
-        f"every training batch of both stages{_delta2_ramp(p)}). Evaluated on held-out images: "
+        f"every training batch of both stages{_delta2_ramp(p)}), "
+        f"{_precision_text(p.vlm_common, inputs.device)}. Evaluated on held-out images: "
         f"{_samples(vlm_rows, 'caption', p.vlm_eval.limit)} for captioning (the world's test split), "
         f"{_samples(vlm_rows, 'vqa', p.vlm_eval.questions())} VQA questions; captioning and VQA attacked by "
         f"{_vlm_attack_text(p)}, {p.vlm_eval.steps} steps each; targeted attacks on "
@@ -386,8 +387,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
             f"embedding {p.clip_model_config['embed_dim']})"
         )
     lines.append(
-        f"- CLIPs: {desc}, batch {common.get('batch_size')}, AdamW + cosine schedule. Per model "
-        "(`dvd train clip` settings; the full configs are in `configs/`):"
+        f"- CLIPs: {desc}, batch {common.get('batch_size')}, AdamW + cosine schedule, "
+        f"{_precision_text(common, inputs.device)}. Per model (`dvd train clip` settings; the full configs "
+        "are in `configs/`):"
     )
     for name, cfg in p.clip_recipes.items():
         keys = (
@@ -464,6 +466,16 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         f"stages). All result rows: `results.json`; stage configs: `configs/`.\n"
     )
     return "\n".join(lines)
+
+
+def _precision_text(settings: dict[str, Any], device: str) -> str:
+    """How a recipe's training steps ran: its ``precision`` (default ``auto``) on ``device``."""
+    precision = settings.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "fp32":
+        return "trained in fp32"
+    return f"trained under {precision} autocast (weights and optimizer state in fp32)"
 
 
 def _vlm_attack_text(preset: DemoPreset) -> str:

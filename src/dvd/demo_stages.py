@@ -7,6 +7,8 @@ import contextlib
 import fcntl
 import io
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +59,22 @@ class Ledger:
         """Update one stage's entry; safe when the demo's parallel workers record at the same time."""
         with self.locked() as entries:
             entries[name] = {**entries.get(name, {}), **info}
+
+
+def exit_with_parent(poll: float = 1.0) -> threading.Thread:
+    """End this process (SIGTERM) once the process that started it is gone: a ``--jobs`` worker whose demo
+    was killed (SIGTERM or SIGKILL, which it cannot pass on) must not train on alone. A daemon thread looks
+    at the parent every ``poll`` seconds; the stage it stops resumes from its last checkpoint on a rerun."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def check(code: int, what: str) -> None:

@@ -1,16 +1,31 @@
 """Numeric precision of a training step: ``auto`` resolved per device, autocast, the fp16 loss scaler,
 and train/eval mode for a block.
+
+bf16 on a CPU pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): a 2-core AMD EPYC with
+AVX512-BF16 runs the quick demo's training steps 1.4-1.9x faster than in fp32 (benchmarks/README.md, "bf16
+training on the CPU"). There the attention runs on PyTorch's math path: the CPU flash-attention kernel took
+7-10x the math path's time in bf16 (forward + backward) at a 32-px tower's 17 tokens, 1.5x at ~150 tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dvd.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def training_precision(precision: str, device: torch.device) -> str:
@@ -21,15 +36,22 @@ def training_precision(precision: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA; use precision=fp32 (or bf16) on CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is "
+                    "emulated and likely slower than fp32; set precision=fp32")
     return precision
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` (a no-op for fp32)."""
+    """The autocast context for ``precision`` (a no-op for fp32); on a CPU, attention on the math path."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    if device.type == "cpu":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:

@@ -1,0 +1,79 @@
+"""Training step time in fp32 vs bf16 autocast, on the demo's own recipes.
+
+Takes a finished ``dvd demo`` folder (its world, its configs and its stage-1 VLMs) and, for each recipe,
+runs ``dvd train clip|vlm --config <demo config> steps=N`` once per precision in a fresh process, the
+precisions alternating, ``--repeats`` rounds; the time per step is the trainer's own fit time
+(``summary.json``'s ``seconds``: no start-up, no data decoding) over N. The last line printed is one JSON
+object with the medians (ms per step) and the fp32 / bf16 ratio per recipe.
+
+    python benchmarks/precision_step.py --demo runs/demo --steps 100 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# recipe: (trainer, config name, overrides that keep a short run representative of the whole one)
+RECIPES = {
+    "clean-clip": ("clip", "clean-clip", ["warmup_steps=10"]),
+    "delta-clip": ("clip", "delta-clip", ["warmup_steps=10", "eps_warmup_steps=0"]),
+    "tecoa": ("clip", "tecoa", ["warmup_steps=10"]),
+    "fare": ("clip", "fare", ["warmup_steps=10"]),
+    "clean-llava stage2": ("vlm", "clean-llava-stage2", []),
+    "delta2-llava stage2": ("vlm", "delta2-llava-stage2", ["eps_warmup_steps=0"]),
+}
+PRECISIONS = ("fp32", "bf16")
+
+
+def run_once(demo: Path, recipe: str, precision: str, steps: int, threads: int, scratch: Path) -> float:
+    """Milliseconds per step of one fresh ``dvd train`` run."""
+    trainer, config, overrides = RECIPES[recipe]
+    out = scratch / f"{config}-{precision}"
+    config_file = demo / "configs" / f"{config}.yaml"
+    argv = [sys.executable, "-m", "dvd.cli", "train", trainer, "--config", str(config_file), f"steps={steps}",
+            f"output_dir={out}", "resume=none", "checkpoint_every=1000000", "log_every=1000000",
+            f"precision={precision}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return 1000 * json.loads((out / "summary.json").read_text())["seconds"] / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, required=True, help="a finished demo folder, e.g. runs/demo")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per run (the demo's workers: 1)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    args = parser.parse_args()
+    recipes = [r.strip() for r in args.recipes.split(",")]
+    missing = [r for r in recipes if r not in RECIPES]
+    if missing:
+        parser.error(f"unknown recipe(s) {missing}; choose from {list(RECIPES)}")
+    times: dict[str, dict[str, list[float]]] = {r: {p: [] for p in PRECISIONS} for r in recipes}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(args.repeats):
+            for recipe in recipes:
+                order = PRECISIONS if round_ % 2 == 0 else PRECISIONS[::-1]
+                for precision in order:
+                    ms = run_once(args.demo, recipe, precision, args.steps, args.threads, Path(scratch))
+                    times[recipe][precision].append(ms)
+                    print(f"round {round_}  {recipe:20s} {precision}: {ms:7.1f} ms/step", flush=True)
+    summary: dict[str, object] = {"steps": args.steps, "repeats": args.repeats, "threads": args.threads}
+    for recipe in recipes:
+        fp32, bf16 = (statistics.median(times[recipe][p]) for p in PRECISIONS)
+        summary[recipe] = {"fp32_ms": round(fp32, 1), "bf16_ms": round(bf16, 1),
+                           "fp32_over_bf16": round(fp32 / bf16, 2)}
+        print(f"{recipe:20s} fp32 {fp32:7.1f}  bf16 {bf16:7.1f}  ms/step  -> {fp32 / bf16:.2f}x")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
