@@ -29,7 +29,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def training_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA and fp32 on CPU; fp16/bf16 autocast need CUDA."""
+    """``auto`` is bf16 on CUDA and fp32 on CPU; fp16 needs CUDA; bf16 on a CPU without bf16 instructions
+    runs, with a warning."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
     if precision == "auto":
