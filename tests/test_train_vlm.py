@@ -282,6 +282,16 @@ def test_conversation_lengths_come_from_the_text_alone_and_match_the_collated_to
         assert batch.input_ids.shape[1] == lengths[i]
 
 
+def test_conversation_lengths_raise_a_configuration_error_as_reading_a_sample_does(world, tmp_path):
+    cfg = tiny_config(world, tmp_path, "stage=2")
+    source = resolve_source(cfg.data, cfg.data_format, cfg.image_root, 2)
+    collator = build_vlm(cfg, source).collator(max_length=2)  # cuts the image tokens
+    data = build_conversations(source, image_size=32, collator=collator, caption_prompt="")
+    for read in (data.lengths, lambda: data[0]):
+        with pytest.raises(ConfigError, match="raise max_length"):
+            read()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -131,12 +131,15 @@ class Conversations(Dataset):
 
     def lengths(self) -> list[int]:
         """Each sample's length in tokens, from the text alone (no image is read); 0 for one that cannot be
-        encoded (it is skipped when read). For length-grouped batches."""
+        encoded (it is skipped when read); a configuration error is raised, as reading the sample would.
+        For length-grouped batches."""
         out = []
         for i, (record, caption) in enumerate(self.index):
             try:
                 fields = self.reader.records[record]["fields"]
                 out.append(len(self._encode(i, self._conversation(fields, caption))[0]))
+            except ConfigError:
+                raise
             except (ValueError, KeyError, TypeError, IndexError):
                 out.append(0)
         return out
