@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -562,12 +567,6 @@ def test_a_preset_may_train_one_lm_for_every_vlm_first_from_text_alone(tmp_path:
 def test_a_worker_ends_when_its_demo_is_killed_outright(tmp_path: Path) -> None:
     """A real parent process starts a worker-like child (watching its parent as ``dvd demo --worker`` does),
     then dies by SIGKILL; the child must not run on."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     ready = tmp_path / "ready"  # the child's pid, written once it watches its parent
     child_code = (
         "import os, time; from dvd.demo_stages import exit_with_parent; exit_with_parent(0.1); "
@@ -596,8 +595,6 @@ def test_a_worker_ends_when_its_demo_is_killed_outright(tmp_path: Path) -> None:
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan is reaped by whoever adopts it, maybe late)."""
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
 from dvd.demo_figures import plot_results
@@ -23,6 +25,7 @@ from dvd.eval.report import (
     markdown_table,
 )
 from dvd.io import atomic_write, read_json
+from dvd.train.precision import auto_precision
 from dvd.train.vlm_config import VlmTrainConfig
 
 Row = dict[str, Any]
@@ -472,7 +475,7 @@ def _precision_text(settings: dict[str, Any], device: str) -> str:
     """How a recipe's training steps ran: its ``precision`` (default ``auto``) on ``device``."""
     precision = settings.get("precision", "auto")
     if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
+        precision = auto_precision(torch.device(device))
     if precision == "fp32":
         return "trained in fp32"
     return f"trained under {precision} autocast (weights and optimizer state in fp32)"

@@ -28,13 +28,18 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def auto_precision(device: torch.device) -> str:
+    """What ``precision=auto`` means on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def training_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on CUDA and fp32 on CPU; fp16 needs CUDA; bf16 on a CPU without bf16 instructions
     runs, with a warning."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return auto_precision(device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA; use precision=fp32 (or bf16) on CPU")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
