@@ -601,3 +601,38 @@ def _running(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")
     return not (status.is_file() and "State:\tZ" in status.read_text())
+
+
+def test_the_presets_bf16_is_fp32_on_a_cpu_without_bf16_instructions(tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    from dvd.train import precision
+
+    quick = load_preset("quick")
+    assert quick.vlm_common["precision"] == "bf16" and "precision" not in quick.clip_common
+    log = io.StringIO()
+    demo = demo_module.Demo(tmp_path, quick, vlm=True, log=log)
+
+    def vlm_precisions() -> set[str]:
+        stages = ("stage1", "stage2")
+        return {demo.vlm_config(m, t, s)["precision"] for m, t in VISION_TOWER.items() for s in stages}
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert vlm_precisions() == {"bf16"}
+    demo._say_precision()
+    assert log.getvalue() == ""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16: ~8x slower
+    assert vlm_precisions() == {"fp32"}
+    assert "precision" not in demo.clip_config("delta-clip")  # the CLIPs: the trainers' auto, fp32 on a CPU
+    demo._say_precision()
+    assert log.getvalue().count("\n") == 1 and "the VLMs train in fp32" in log.getvalue()
+    cuda = demo_module.Demo(tmp_path, quick, vlm=True, device="cuda")
+    assert cuda.vlm_config("delta2-llava", "delta-clip", "stage2")["precision"] == "bf16"
+
+
+def test_the_demos_own_process_imports_no_trainer_evaluation_or_plotting_library() -> None:
+    # it starts the workers and writes the world right away; each stage imports what it needs
+    heavy = ("open_clip", "transformers", "matplotlib", "peft")
+    code = f"import sys, dvd.demo; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

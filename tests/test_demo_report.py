@@ -187,10 +187,16 @@ def test_targeted_rows_get_a_note_only_when_no_attack_succeeded_on_any_vlm() -> 
     assert _targeted_notes([], quick) == []
 
 
-def test_the_report_says_in_which_precision_each_half_was_trained() -> None:
+def test_the_report_says_in_which_precision_each_half_was_trained(monkeypatch) -> None:
     from dvd.demo_report import _precision_text
+    from dvd.train import precision
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     bf16 = _precision_text({"precision": "bf16"}, "cpu")
     assert bf16.startswith("trained under bf16 autocast") and "fp32" in bf16  # the weights stay fp32
     assert _precision_text({}, "cpu") == _precision_text({"precision": "fp32"}, "cuda") == "trained in fp32"
     assert "bf16 autocast" in _precision_text({"precision": "auto"}, "cuda:0")  # auto: bf16 on CUDA
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as the demo trains there: fp32
+    emulated = _precision_text({"precision": "bf16"}, "cpu")
+    assert emulated.startswith("trained in fp32 (") and "no bf16 instructions" in emulated
+    assert "bf16 autocast" in _precision_text({"precision": "bf16"}, "cuda")

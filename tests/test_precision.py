@@ -42,6 +42,17 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_names_the_fix(monkeyp
     assert caplog.text == ""
 
 
+def test_native_precision_keeps_bf16_only_where_the_device_multiplies_it(monkeypatch):
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: False)
+    assert P.native_precision("bf16", CPU) == "fp32"  # emulated: several times slower than fp32
+    assert P.native_precision("bf16", CUDA) == "bf16"
+    assert P.native_precision("auto", CUDA) == "bf16" and P.native_precision("auto", CPU) == "fp32"
+    assert P.native_precision("fp16", CUDA) == "fp16"
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: True)
+    assert P.native_precision("bf16", CPU) == "bf16"
+    assert P.native_precision("fp32", CPU) == "fp32"
+
+
 def _attention_ops(precision: str) -> set[str]:
     q = torch.randn(2, 2, 8, 16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

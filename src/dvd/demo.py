@@ -52,16 +52,16 @@ from dvd.demo_preset import (
     ReportInputs,
     load_preset,
 )
-from dvd.demo_report import write_report
 from dvd.demo_seeds import parse_seeds, run_seeds
 from dvd.demo_stages import Ledger, Stage, check, exit_with_parent, load_average, now, quiet_stdout
-from dvd.eval import retrieval, zeroshot
 from dvd.eval.report import average_rows
 from dvd.eval.results import read_rows
 from dvd.io import read_json, write_json
-from dvd.train import clip as train_clip
-from dvd.train import lm as train_lm
-from dvd.train import vlm as train_vlm
+from dvd.train.precision import native_precision
+
+# The trainers, the evaluations and the report (open_clip, transformers, matplotlib: ~5 s of imports) are
+# imported where a stage first needs them, so that the demo's own process starts its workers and writes the
+# world without waiting for them.
 
 # ---------------------------------------------------------------------------------------------
 # stages
@@ -162,6 +162,8 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         total = time.perf_counter()
+        if self.worker is None:
+            self._say_precision()
         if self.worker is not None:
             self._work()
         elif jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
@@ -179,6 +181,8 @@ class Demo:
         results = self.collect_results()
         tick = time.perf_counter()
         inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
+        from dvd.demo_report import write_report
+
         report_path = write_report(inputs, results)
         self.ledger.record(
             "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=now()
@@ -346,6 +350,18 @@ class Demo:
                 )
         write_json(path, settings)
 
+    def _say_precision(self) -> None:
+        """Say when the preset's bf16 trainings run in fp32 here (a CPU without bf16 instructions)."""
+        halves = {"CLIPs": self.preset.clip_common, "VLMs": self.preset.vlm_common}
+        for half, common in halves.items():
+            asked = str(common.get("precision", "auto"))
+            if asked != "bf16" or (half == "VLMs" and not self.include_vlm):
+                continue
+            if native_precision(asked, torch.device(self.device)) == "fp32":
+                self._say(f"[demo] this CPU has no bf16 instructions (AVX512-BF16 or AMX): the {half} train "
+                          "in fp32, not the preset's bf16, which would be emulated here at several times "
+                          "the time")
+
     def _say(self, text: str) -> None:
         print(text, file=self.log, flush=True)
 
@@ -378,7 +394,14 @@ class Demo:
                    device=self.device, resume="latest")
         if cfg["recipe"] in ("tecoa", "fare"):
             cfg["pretrained"] = str(self.final("clean-clip"))
+        self._native(cfg)
         return cfg
+
+    def _native(self, cfg: dict[str, Any]) -> None:
+        """A preset's bf16 only where the device has it: fp32 on a CPU without bf16 instructions, where
+        emulated bf16 is several times slower than fp32 (a VLM step ~8x)."""
+        if "precision" in cfg:
+            cfg["precision"] = native_precision(str(cfg["precision"]), torch.device(self.device))
 
     def model_config_file(self) -> Path:
         """The demo's own open_clip model config, written where the stage configs point to it."""
@@ -390,6 +413,8 @@ class Demo:
     def _train_clip_fn(self, name: str) -> Callable[[], None]:
         def run() -> None:
             config = self._write_config(name, self.clip_config(name))
+            from dvd.train import clip as train_clip
+
             check(train_clip.cli(["--config", str(config)]), f"dvd train clip ({name})")
 
         return run
@@ -400,14 +425,15 @@ class Demo:
     def _clip_eval_fn(self, task: str, name: str) -> Callable[[], None]:
         """``dvd eval zeroshot | retrieval`` of one CLIP, the same attack for every model."""
         p, z = self.preset, self.preset.zeroshot
-        module, steps, limit, extra = {
-            "zeroshot": (zeroshot, z.steps, z.limit,
+        steps, limit, extra = {
+            "zeroshot": (z.steps, z.limit,
                          ["--attack", z.attack, "--escalation-queries", str(z.escalation_queries),
                           "--check-queries", str(z.check_queries)]),
-            "retrieval": (retrieval, p.retrieval.steps, p.retrieval.limit, ["--split", "test"]),
+            "retrieval": (p.retrieval.steps, p.retrieval.limit, ["--split", "test"]),
         }[task]
 
         def run() -> None:
+            module = importlib.import_module(f"dvd.eval.{task}")
             argv = ["--model", str(self.final(name)), "--model-name", name, "--dataset", str(self.world),
                     "--eps", self._eps(), *extra, "--steps", str(steps), "--limit", str(limit),
                     "--batch-size", "100", "--seed", str(p.seed), "--device", self.device,
@@ -423,6 +449,7 @@ class Demo:
         cfg.update(data=str(self.world), output_dir=str(self.model_dir(f"{name}-{stage}")),
                    seed=self.preset.seed, device=self.device, resume="latest",
                    adversarial=name in ADVERSARIAL_VLMS)
+        self._native(cfg)
         if stage == "stage1":
             cfg["vision"] = str(self.final(vision))
             if self.preset.lm_training:
@@ -446,11 +473,15 @@ class Demo:
 
     def _train_lm(self) -> None:
         config = self._write_config(LM_MODEL, self.lm_config())
+        from dvd.train import lm as train_lm
+
         check(train_lm.cli(["--config", str(config)]), f"dvd train lm ({LM_MODEL})")
 
     def _train_vlm_fn(self, name: str, vision: str, stage: str) -> Callable[[], None]:
         def run() -> None:
             config = self._write_config(f"{name}-{stage}", self.vlm_config(name, vision, stage))
+            from dvd.train import vlm as train_vlm
+
             check(train_vlm.cli(["--config", str(config)]), f"dvd train vlm ({name} {stage})")
 
         return run

@@ -25,7 +25,7 @@ from dvd.eval.report import (
     markdown_table,
 )
 from dvd.io import atomic_write, read_json
-from dvd.train.precision import auto_precision
+from dvd.train.precision import auto_precision, native_precision
 from dvd.train.vlm_config import VlmTrainConfig
 
 Row = dict[str, Any]
@@ -472,12 +472,16 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
 
 
 def _precision_text(settings: dict[str, Any], device: str) -> str:
-    """How a recipe's training steps ran: its ``precision`` (default ``auto``) on ``device``."""
-    precision = settings.get("precision", "auto")
-    if precision == "auto":
-        precision = auto_precision(torch.device(device))
+    """How a recipe's training steps ran: its ``precision`` (default ``auto``) on ``device``, bf16 only
+    where the device has it (as :meth:`dvd.demo.Demo.vlm_config` writes it)."""
+    asked = str(settings.get("precision", "auto"))
+    if asked == "auto":
+        asked = auto_precision(torch.device(device))
+    precision = native_precision(asked, torch.device(device))
     if precision == "fp32":
-        return "trained in fp32"
+        return "trained in fp32" + (
+            " (the preset's bf16 would be emulated on this CPU, which has no bf16 instructions)"
+            if asked == "bf16" else "")
     return f"trained under {precision} autocast (weights and optimizer state in fp32)"
 
 
