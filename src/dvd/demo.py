@@ -61,7 +61,8 @@ from dvd.train.precision import native_precision
 
 # The trainers, the evaluations and the report (open_clip, transformers, matplotlib: ~5 s of imports) are
 # imported where a stage first needs them, so that the demo's own process starts its workers and writes the
-# world without waiting for them.
+# world without waiting for them. Its workers import them first, while the world is written.
+WORKER_IMPORTS = ("dvd.train.clip", "dvd.train.vlm", "dvd.eval.zeroshot", "dvd.eval.captioning")
 
 # ---------------------------------------------------------------------------------------------
 # stages
@@ -237,7 +238,9 @@ class Demo:
     def _work(self) -> None:
         """One worker of ``--jobs N``: take up the next stage no worker of this run has taken whose inputs
         are done, run it, repeat; wait while every stage left needs one still running; stop when none is
-        left."""
+        left. The trainers and evaluations are imported first, while the world is still being written."""
+        for module in WORKER_IMPORTS:
+            importlib.import_module(module)
         while True:
             stage, waiting = self._claim()
             if stage is not None:
