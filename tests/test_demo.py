@@ -636,3 +636,8 @@ def test_the_demos_own_process_imports_no_trainer_evaluation_or_plotting_library
     code = f"import sys, dvd.demo; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    # its workers import the trainers' and evaluations' up front, while the world is written
+    code = ("import sys; from dvd import demo; [__import__(m) for m in demo.WORKER_IMPORTS]; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(set(heavy) - {"matplotlib"}))
