@@ -621,7 +621,7 @@ def test_the_presets_bf16_is_fp32_on_a_cpu_without_bf16_instructions(tmp_path: P
     assert vlm_precisions() == {"bf16"}
     demo._say_precision()
     assert log.getvalue() == ""
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16: ~8x slower
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16: 8-10x slower
     assert vlm_precisions() == {"fp32"}
     assert "precision" not in demo.clip_config("delta-clip")  # the CLIPs: the trainers' auto, fp32 on a CPU
     demo._say_precision()

@@ -402,7 +402,7 @@ class Demo:
 
     def _native(self, cfg: dict[str, Any]) -> None:
         """A preset's bf16 only where the device has it: fp32 on a CPU without bf16 instructions, where
-        emulated bf16 is several times slower than fp32 (a VLM step ~8x)."""
+        emulated bf16 is several times slower than fp32 (a VLM step 8-10x)."""
         if "precision" in cfg:
             cfg["precision"] = native_precision(str(cfg["precision"]), torch.device(self.device))
 
