@@ -163,11 +163,11 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         total = time.perf_counter()
-        if self.worker is None:
-            self._say_precision()
         if self.worker is not None:
             self._work()
-        elif jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
+            return {}
+        self._say_precision()
+        if jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
             world = self.stages()[0]
             if world.done():
                 self._run_workers(jobs)

@@ -36,7 +36,7 @@ def auto_precision(device: torch.device) -> str:
 def native_precision(precision: str, device: torch.device) -> str:
     """``precision`` (``auto`` resolved), except bf16 on a CPU without bf16 instructions: fp32 there, where
     bf16 is emulated (a VLM step of the quick demo ran 8-10x slower in bf16 than in fp32 on AVX2 kernels;
-    benchmarks/README.md, "bf16 training on the CPU")."""
+    benchmarks/README.md, "A CPU without bf16 instructions")."""
     precision = auto_precision(device) if precision == "auto" else precision
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         return "fp32"
