@@ -198,5 +198,18 @@ def test_the_report_says_in_which_precision_each_half_was_trained(monkeypatch) -
     assert "bf16 autocast" in _precision_text({"precision": "auto"}, "cuda:0")  # auto: bf16 on CUDA
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as the demo trains there: fp32
     emulated = _precision_text({"precision": "bf16"}, "cpu")
-    assert emulated.startswith("trained in fp32 (") and "no bf16 instructions" in emulated
+    assert emulated.startswith("trained in fp32 (") and "without bf16 instructions" in emulated
     assert "bf16 autocast" in _precision_text({"precision": "bf16"}, "cuda")
+
+
+def test_the_reports_precision_is_the_one_in_the_stage_config_the_demo_wrote(tmp_path, monkeypatch) -> None:
+    from dvd.demo_report import _precision_text
+    from dvd.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the machine writing the report
+    written = tmp_path / "delta2-llava-stage2.yaml"
+    written.write_text("precision: fp32\ndevice: cpu\n")  # trained where bf16 would have been emulated
+    assert _precision_text({"precision": "bf16"}, "cpu", written).startswith("trained in fp32 (")
+    written.write_text("device: cuda\n")  # the trainers' auto, on the device it trained on
+    assert "bf16 autocast" in _precision_text({}, "cpu", written)
+    assert _precision_text({}, "cpu", tmp_path / "missing.yaml") == "trained in fp32"

@@ -520,7 +520,7 @@ class Demo:
         return run
 
     def _write_config(self, name: str, cfg: dict[str, Any]) -> Path:
-        path = self.out / "configs" / f"{name}.yaml"
+        path = self.layout.stage_config(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = (
             f"# written by dvd demo (preset {self.preset.name}); rerun with: dvd train ... --config {path}\n"

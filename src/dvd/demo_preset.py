@@ -229,6 +229,10 @@ class DemoLayout:
     def results_file(self, task: str, model: str) -> Path:
         return self.out / "results" / f"{task}-{model}.json"
 
+    def stage_config(self, name: str) -> Path:
+        """The ``dvd train`` config the demo wrote for ``name`` (``delta-clip``, ``delta2-llava-stage2``)."""
+        return self.out / "configs" / f"{name}.yaml"
+
 
 @dataclass(frozen=True)
 class ReportInputs:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
@@ -227,7 +228,8 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         "stages with the same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior "
         f"art), delta-llava (ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on "
         f"every training batch of both stages{_delta2_ramp(p)}), "
-        f"{_precision_text(p.vlm_common, inputs.device)}. Evaluated on held-out images: "
+        f"{_precision_text(p.vlm_common, inputs.device, inputs.layout.stage_config('delta2-llava-stage2'))}. "
+        "Evaluated on held-out images: "
         f"{_samples(vlm_rows, 'caption', p.vlm_eval.limit)} for captioning (the world's test split), "
         f"{_samples(vlm_rows, 'vqa', p.vlm_eval.questions())} VQA questions; captioning and VQA attacked by "
         f"{_vlm_attack_text(p)}, {p.vlm_eval.steps} steps each; targeted attacks on "
@@ -391,8 +393,8 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
         )
     lines.append(
         f"- CLIPs: {desc}, batch {common.get('batch_size')}, AdamW + cosine schedule, "
-        f"{_precision_text(common, inputs.device)}. Per model (`dvd train clip` settings; the full configs "
-        "are in `configs/`):"
+        f"{_precision_text(common, inputs.device, inputs.layout.stage_config('delta-clip'))}. Per model "
+        "(`dvd train clip` settings; the full configs are in `configs/`):"
     )
     for name, cfg in p.clip_recipes.items():
         keys = (
@@ -471,16 +473,22 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _precision_text(settings: dict[str, Any], device: str) -> str:
-    """How a recipe's training steps ran: its ``precision`` (default ``auto``) on ``device``, bf16 only
-    where the device has it (as :meth:`dvd.demo.Demo.vlm_config` writes it)."""
+def _precision_text(settings: dict[str, Any], device: str, written: Path | None = None) -> str:
+    """How a recipe's training steps ran: the precision in the stage config the demo ``written`` (the
+    trainers' ``auto`` resolved on its device), else what the demo would write on ``device`` (the preset's
+    ``precision``, default ``auto``, bf16 only where the device has it)."""
     asked = str(settings.get("precision", "auto"))
     if asked == "auto":
         asked = auto_precision(torch.device(device))
     precision = native_precision(asked, torch.device(device))
+    if written is not None and written.is_file():
+        cfg = yaml.safe_load(written.read_text()) or {}
+        precision = str(cfg.get("precision", "auto"))
+        if precision == "auto":
+            precision = auto_precision(torch.device(str(cfg.get("device", device))))
     if precision == "fp32":
         return "trained in fp32" + (
-            " (the preset's bf16 would be emulated on this CPU, which has no bf16 instructions)"
+            " (the preset's bf16 is emulated on a CPU without bf16 instructions)"
             if asked == "bf16" else "")
     return f"trained under {precision} autocast (weights and optimizer state in fp32)"
 
