@@ -200,6 +200,9 @@ def test_a_preset_groups_the_evaluation_and_world_settings_in_sections_that_keep
         ("vlm_eval: {attack: ensembel}\n",
          r"vlm_eval.attack in .*mine.yaml must be one of ensemble, references, apgd, got 'ensembel' "
          r"\(did you mean 'ensemble'"),
+        ("vlm_eval: {precision: bf61}\n",
+         r"vlm_eval.precision in .*mine.yaml must be one of auto, fp32, fp16, bf16, got 'bf61' "
+         r"\(did you mean 'bf16'"),
         ("vlm_eval: {batch_size: 0}\n",
          r"vlm_eval.batch_size in .*mine.yaml must be a positive integer, got 0"),
     ],
@@ -628,6 +631,27 @@ def test_the_presets_bf16_is_fp32_on_a_cpu_without_bf16_instructions(tmp_path: P
     assert log.getvalue().count("\n") == 1 and "the VLMs train in fp32" in log.getvalue()
     cuda = demo_module.Demo(tmp_path, quick, vlm=True, device="cuda")
     assert cuda.vlm_config("delta2-llava", "delta-clip", "stage2")["precision"] == "bf16"
+
+
+def test_the_caption_vqa_and_scienceqa_attacks_run_in_a_presets_precision_where_the_device_has_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from dvd.train import precision
+
+    def attack_precision(demo: demo_module.Demo, task: str) -> str | None:
+        argv = demo.vlm_eval_argv(task, "delta2-llava")
+        return argv[argv.index("--attack-precision") + 1] if "--attack-precision" in argv else None
+
+    quick = load_preset("quick")
+    assert quick.vlm_eval.precision == "auto"  # fp32 on a CPU: bf16 attacks were not adopted (benchmarks/)
+    bf16 = dataclasses.replace(quick, vlm_eval=dataclasses.replace(quick.vlm_eval, precision="bf16"))
+    demo = demo_module.Demo(tmp_path, bf16, vlm=True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert [attack_precision(demo, t) for t in VLM_EVALS] == ["bf16", "bf16", None, None, "bf16", None]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert {attack_precision(demo, t) for t in ("caption", "vqa", "scienceqa")} == {"fp32"}
+    assert attack_precision(demo_module.Demo(tmp_path, quick, vlm=True), "vqa") == "auto"
+    assert "precision" not in quick.fingerprint()["vlm_eval"]  # the default: earlier folders still resume
 
 
 def test_the_demos_own_process_imports_no_trainer_evaluation_or_plotting_library() -> None:

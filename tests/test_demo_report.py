@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -213,3 +214,19 @@ def test_the_reports_precision_is_the_one_in_the_stage_config_the_demo_wrote(tmp
     written.write_text("device: cuda\n")  # the trainers' auto, on the device it trained on
     assert "bf16 autocast" in _precision_text({}, "cpu", written)
     assert _precision_text({}, "cpu", tmp_path / "missing.yaml") == "trained in fp32"
+
+
+def test_the_report_says_in_which_precision_the_caption_and_vqa_attacks_ran(monkeypatch) -> None:
+    from dvd.demo_report import _vlm_attack_text
+    from dvd.train import precision
+
+    quick = load_preset("quick")
+    bf16 = dataclasses.replace(quick, vlm_eval=dataclasses.replace(quick.vlm_eval, precision="bf16"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert "in turn, under bf16 autocast (RobustVLM's ensemble" in _vlm_attack_text(bf16, "cpu")
+    assert "in turn, in fp32 (" in _vlm_attack_text(quick, "cpu")  # auto: fp32 on a CPU
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert "in turn, in fp32 (" in _vlm_attack_text(bf16, "cpu")
+    auto = load_preset("test")  # the evaluations' own default: fp16 on CUDA, fp32 on a CPU
+    assert "under fp16 autocast" in _vlm_attack_text(auto, "cuda")
+    assert "in fp32" in _vlm_attack_text(auto, "cpu")

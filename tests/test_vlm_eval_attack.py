@@ -44,6 +44,26 @@ def test_apgd_on_the_answer_nll_stays_inside_the_eps_ball_and_the_image_box():
     )
 
 
+def test_a_bf16_attack_on_a_cpu_multiplies_in_bf16_and_runs_attention_on_the_math_path():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_dvd_vlm().requires_grad_(False)
+    x = saturated_images(2)
+    prompts, answers = ["What color is the circle?"] * 2, ["red", "blue"]
+    ops = {}
+    for precision in (None, "bf16"):
+        objective = va.answer_objective(model, prompts, answers, precision=precision)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            nll = objective(x).loss
+        ops[precision] = {e.key for e in prof.key_averages()}
+        assert nll.dtype == torch.float32 and torch.isfinite(nll).all()
+    assert any("flash" in op for op in ops[None])  # fp32: PyTorch's own choice
+    # bf16: the CPU flash kernel is several times slower there (dvd.train.precision.autocast)
+    assert not any("flash" in op for op in ops["bf16"]) and "aten::_to_copy" in ops["bf16"]
+    full, half = (va.answer_objective(model, prompts, answers, precision=p)(x).loss for p in (None, "bf16"))
+    assert torch.allclose(full, half, rtol=0.05) and not torch.equal(full, half)
+
+
 def test_only_a_targeted_objective_reports_success_and_an_answer_the_model_would_go_on_from_is_not_one():
     model = tiny_dvd_vlm().requires_grad_(False)
     x = saturated_images(3)

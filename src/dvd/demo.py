@@ -500,16 +500,24 @@ class Demo:
             limit = p.vlm_eval.questions() if task == "vqa" else p.vlm_eval.limit
             argv += ["--attack", p.vlm_eval.attack, "--eps", ",".join(p.vlm_eval.eps or p.eps),
                      "--steps", str(p.vlm_eval.steps), "--limit", str(limit),
-                     "--references", str(p.vlm_eval.references)]
+                     "--references", str(p.vlm_eval.references),
+                     "--attack-precision", self.attack_precision()]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval.limit)]
         elif task == "scienceqa":
             argv += ["--attack", "apgd", "--eps", ",".join(p.vlm_eval.eps or p.eps),
-                     "--steps", str(p.scienceqa.steps), "--limit", str(p.scienceqa.limit)]
+                     "--steps", str(p.scienceqa.steps), "--limit", str(p.scienceqa.limit),
+                     "--attack-precision", self.attack_precision()]
         elif task == "targeted":
             argv += ["--eps", "4/255", "--steps", str(p.targeted.steps), "--limit", str(p.targeted.limit),
                      "--target", TARGET_CAPTION]
         return argv
+
+    def attack_precision(self) -> str:
+        """The caption / VQA / ScienceQA attacks' ``--attack-precision``: the preset's, bf16 only where the
+        device has it (``auto`` is the evaluations' own: fp16 on CUDA, fp32 on a CPU)."""
+        precision = self.preset.vlm_eval.precision
+        return precision if precision == "auto" else native_precision(precision, torch.device(self.device))
 
     def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:
         def run() -> None:

@@ -34,6 +34,7 @@ TARGET_CAPTION = "an image of four pink hearts."
 # the caption / VQA attacks a preset may choose: dvd.eval.vlm_attack.REFERENCE_ATTACKS but "none", written out
 # so that loading a preset does not import torch and transformers (a test keeps the two in step)
 VLM_EVAL_ATTACKS = ("ensemble", "references", "apgd")
+VLM_EVAL_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # dvd.eval.vlm_objective.PRECISIONS, likewise
 TASK_ORDER = ("color", "shape", "count", "size", "texture")  # the ShapesWorld tasks, as reported
 VLM_EVALS = {  # the VLM evaluations, in the report's order, and their commands' modules
     "caption": "dvd.eval.captioning",
@@ -97,6 +98,10 @@ class VlmEvalBudget:
     # samples per batch of every VLM evaluation (more: faster on a CPU, same attack); the default is the
     # evaluations' own (dvd.eval.spec.VLM_DEFAULTS)
     batch_size: int = 8
+    # autocast of the caption / VQA / ScienceQA APGD runs (`--attack-precision`): auto (the evaluations'
+    # default: fp16 on CUDA, fp32 on a CPU), fp32, fp16 or bf16; bf16 on a CPU without bf16 instructions runs
+    # in fp32 (as the trainings do)
+    precision: str = "auto"
 
     def questions(self) -> int:
         """How many VQA questions are evaluated."""
@@ -149,7 +154,7 @@ class DemoPreset:
         if out["zeroshot"]["check_queries"] == ZeroShotBudget().check_queries:  # likewise at its default
             del out["zeroshot"]["check_queries"]
         defaults = dataclasses.asdict(VlmEvalBudget())
-        for key in ("vqa_limit", "attack", "batch_size"):  # likewise, at their defaults
+        for key in ("vqa_limit", "attack", "batch_size", "precision"):  # likewise, at their defaults
             if out["vlm_eval"][key] == defaults[key]:
                 del out["vlm_eval"][key]
         return out
@@ -187,6 +192,10 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
         attack = str(preset.vlm_eval.attack)
         raise ConfigError(f"vlm_eval.attack in {path} must be one of {', '.join(VLM_EVAL_ATTACKS)}, got "
                           f"{attack!r}{suggest(attack, VLM_EVAL_ATTACKS)}")
+    if preset.vlm_eval.precision not in VLM_EVAL_PRECISIONS:
+        precision = str(preset.vlm_eval.precision)
+        raise ConfigError(f"vlm_eval.precision in {path} must be one of {', '.join(VLM_EVAL_PRECISIONS)}, "
+                          f"got {precision!r}{suggest(precision, VLM_EVAL_PRECISIONS)}")
     if not isinstance(preset.vlm_eval.batch_size, int) or preset.vlm_eval.batch_size < 1:
         raise ConfigError(f"vlm_eval.batch_size in {path} must be a positive integer, got "
                           f"{preset.vlm_eval.batch_size!r}")

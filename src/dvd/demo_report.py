@@ -25,6 +25,7 @@ from dvd.eval.report import (
     average_rows,
     markdown_table,
 )
+from dvd.eval.vlm_objective import resolve_precision
 from dvd.io import atomic_write, read_json
 from dvd.train.precision import auto_precision, native_precision
 from dvd.train.vlm_config import VlmTrainConfig
@@ -232,7 +233,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         "Evaluated on held-out images: "
         f"{_samples(vlm_rows, 'caption', p.vlm_eval.limit)} for captioning (the world's test split), "
         f"{_samples(vlm_rows, 'vqa', p.vlm_eval.questions())} VQA questions; captioning and VQA attacked by "
-        f"{_vlm_attack_text(p)}, {p.vlm_eval.steps} steps each; targeted attacks on "
+        f"{_vlm_attack_text(p, inputs.device)}, {p.vlm_eval.steps} steps each; targeted attacks on "
         f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
         f"and {p.scienceqa.limit} text-only questions (APGD {p.scienceqa.steps} steps on the correct "
         "letter's NLL); MME on every question the world writes.\n"
@@ -493,15 +494,20 @@ def _precision_text(settings: dict[str, Any], device: str, written: Path | None 
     return f"trained under {precision} autocast (weights and optimizer state in fp32)"
 
 
-def _vlm_attack_text(preset: DemoPreset) -> str:
-    """The caption / VQA attack in words."""
+def _vlm_attack_text(preset: DemoPreset, device: str) -> str:
+    """The caption / VQA attack in words, with the precision of its APGD runs on ``device`` (as
+    :meth:`dvd.demo.Demo.attack_precision` passes it to the evaluations)."""
     n = preset.vlm_eval.references
+    precision = resolve_precision(preset.vlm_eval.precision, device) or "fp32"  # auto: fp16 on CUDA only
+    precision = native_precision(precision, torch.device(device))
+    runs = "in fp32" if precision == "fp32" else f"under {precision} autocast"
     return {
-        "ensemble": f"RobustVLM's ensemble (APGD on each of {n} references, an fp32 rerun on the best one, "
-        "targeted VQA runs; each sample keeps its worst output)",
-        "references": f"APGD on each of {n} references in turn (RobustVLM's ensemble without its fp32 rerun "
-        "and targeted runs; each sample keeps its worst output)",
-        "apgd": "APGD on the first reference",
+        "ensemble": f"RobustVLM's ensemble (APGD on each of {n} references {runs}, an fp32 rerun on the best "
+        "one, targeted VQA runs; each sample keeps its worst output)",
+        "references": f"APGD on each of {n} references in turn, {runs} (RobustVLM's ensemble, which runs "
+        "them in half precision, without its fp32 rerun and targeted runs; each sample keeps its worst "
+        "output)",
+        "apgd": f"APGD on the first reference, {runs}",
     }[preset.vlm_eval.attack]
 
 

@@ -14,6 +14,7 @@ from dvd.attacks import apgd, lm_nll
 from dvd.config import ConfigError, suggest
 from dvd.models.vlm_base import VisionLanguageModel
 from dvd.models.vlm_conversation import VLMBatch
+from dvd.train.precision import autocast
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,16 +44,13 @@ class AnswerNLL:
     ) -> None:
         self.__wrapped__ = model  # lets the attack find (and freeze) the model's parameters
         self.model = model
-        self.dtype = None if precision is None else DTYPES[precision]
+        self.precision = precision or "fp32"
         self.greedy_success = greedy_success
 
     def __call__(self, images: Tensor, batch: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         tokens = VLMBatch(**batch).to(images.device)
-        if self.dtype is None:
+        with autocast(self.precision, images.device):  # on a CPU, attention on the math path
             out = self.model(images, tokens, greedy=self.greedy_success)
-        else:
-            with torch.autocast(device_type=images.device.type, dtype=self.dtype):
-                out = self.model(images, tokens, greedy=self.greedy_success)
         nll = out.per_sample_nll.float()
         return (nll, out.answer_is_greedy) if self.greedy_success else nll
 
