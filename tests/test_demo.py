@@ -277,6 +277,10 @@ def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_bat
 
     # the preset module's import-light copies of the evaluations' own choices and default
     assert VLM_EVAL_ATTACKS == tuple(a for a in REFERENCE_ATTACKS if a != "none")
+    from dvd.demo_preset import VLM_EVAL_PRECISIONS
+    from dvd.eval.vlm_objective import PRECISIONS
+
+    assert set(VLM_EVAL_PRECISIONS) == set(PRECISIONS)
     assert ZeroShotBudget().check_queries == CHECK_QUERIES
     assert test.vlm_eval.batch_size == VLM_DEFAULTS["batch_size"]
 
