@@ -481,12 +481,13 @@ def _precision_text(settings: dict[str, Any], device: str, written: Path | None 
     asked = str(settings.get("precision", "auto"))
     if asked == "auto":
         asked = auto_precision(torch.device(device))
-    precision = native_precision(asked, torch.device(device))
     if written is not None and written.is_file():
         cfg = yaml.safe_load(written.read_text()) or {}
         precision = str(cfg.get("precision", "auto"))
         if precision == "auto":
             precision = auto_precision(torch.device(str(cfg.get("device", device))))
+    else:
+        precision = native_precision(asked, torch.device(device))
     if precision == "fp32":
         return "trained in fp32" + (
             " (the preset's bf16 is emulated on a CPU without bf16 instructions)"

@@ -52,7 +52,7 @@ def training_precision(precision: str, device: torch.device) -> str:
         return auto_precision(device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA; use precision=fp32 (or bf16) on CPU")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if native_precision(precision, device) != precision:  # bf16 on a CPU without bf16 instructions
         log.warning("precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is "
                     "emulated and likely slower than fp32; set precision=fp32")
     return precision
