@@ -1,12 +1,14 @@
-"""Training step time in fp32 vs bf16 autocast, on the demo's own recipes.
+"""Training step time in fp32 vs bf16 autocast, or fp32 with PyTorch's own linear layers vs oneDNN's
+(``--compare linear``, :mod:`dvd.onednn_linear`), on the demo's own recipes.
 
 Takes a finished ``dvd demo`` folder (its world, its configs and its stage-1 VLMs) and, for each recipe,
-runs ``dvd train clip|vlm --config <demo config> steps=N`` once per precision in a fresh process, the
-precisions alternating, ``--repeats`` rounds; the time per step is the trainer's own fit time
+runs ``dvd train clip|vlm --config <demo config> steps=N`` once per variant in a fresh process, the
+variants alternating, ``--repeats`` rounds; the time per step is the trainer's own fit time
 (``summary.json``'s ``seconds``: no start-up, no data decoding) over N. The last line printed is one JSON
-object with the medians (ms per step) and the fp32 / bf16 ratio per recipe.
+object with the medians (ms per step) and the first variant's over the second's per recipe.
 
     python benchmarks/precision_step.py --demo runs/demo --steps 100 --repeats 3
+    python benchmarks/precision_step.py --demo runs/demo --compare linear --recipes clean-clip,delta-clip
 """
 
 from __future__ import annotations
@@ -29,18 +31,26 @@ RECIPES = {
     "clean-llava stage2": ("vlm", "clean-llava-stage2", []),
     "delta2-llava stage2": ("vlm", "delta2-llava-stage2", ["eps_warmup_steps=0"]),
 }
-PRECISIONS = ("fp32", "bf16")
+# what is compared: variant -> (the run's precision, its environment); the linear layers' switch is
+# dvd.onednn_linear.ENV
+COMPARISONS = {
+    "precision": {"fp32": ("fp32", {}), "bf16": ("bf16", {})},
+    "linear": {"aten": ("fp32", {"DVD_ONEDNN_LINEAR": "0"}), "onednn": ("fp32", {"DVD_ONEDNN_LINEAR": "1"})},
+}
 
 
-def run_once(demo: Path, recipe: str, precision: str, steps: int, threads: int, scratch: Path) -> float:
+def run_once(
+    demo: Path, recipe: str, variant: tuple[str, dict[str, str]], steps: int, threads: int, scratch: Path
+) -> float:
     """Milliseconds per step of one fresh ``dvd train`` run."""
     trainer, config, overrides = RECIPES[recipe]
-    out = scratch / f"{config}-{precision}"
+    precision, extra_env = variant
+    out = scratch / f"{config}-{precision}-{len(extra_env)}"
     config_file = demo / "configs" / f"{config}.yaml"
     argv = [sys.executable, "-m", "dvd.cli", "train", trainer, "--config", str(config_file), f"steps={steps}",
             f"output_dir={out}", "resume=none", "checkpoint_every=1000000", "log_every=1000000",
             f"precision={precision}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **extra_env}
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return 1000 * json.loads((out / "summary.json").read_text())["seconds"] / steps
 
@@ -52,26 +62,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per run (the demo's workers: 1)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--compare", choices=list(COMPARISONS), default="precision",
+                        help="fp32 vs bf16 (precision), or fp32 linear layers by PyTorch vs oneDNN (linear)")
     args = parser.parse_args()
+    variants = COMPARISONS[args.compare]
+    first, second = variants
     recipes = [r.strip() for r in args.recipes.split(",")]
     missing = [r for r in recipes if r not in RECIPES]
     if missing:
         parser.error(f"unknown recipe(s) {missing}; choose from {list(RECIPES)}")
-    times: dict[str, dict[str, list[float]]] = {r: {p: [] for p in PRECISIONS} for r in recipes}
+    times: dict[str, dict[str, list[float]]] = {r: {v: [] for v in variants} for r in recipes}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.repeats):
             for recipe in recipes:
-                order = PRECISIONS if round_ % 2 == 0 else PRECISIONS[::-1]
-                for precision in order:
-                    ms = run_once(args.demo, recipe, precision, args.steps, args.threads, Path(scratch))
-                    times[recipe][precision].append(ms)
-                    print(f"round {round_}  {recipe:20s} {precision}: {ms:7.1f} ms/step", flush=True)
-    summary: dict[str, object] = {"steps": args.steps, "repeats": args.repeats, "threads": args.threads}
+                order = (first, second) if round_ % 2 == 0 else (second, first)
+                for name in order:
+                    ms = run_once(args.demo, recipe, variants[name], args.steps, args.threads, Path(scratch))
+                    times[recipe][name].append(ms)
+                    print(f"round {round_}  {recipe:20s} {name}: {ms:7.1f} ms/step", flush=True)
+    summary: dict[str, object] = {"compare": args.compare, "steps": args.steps, "repeats": args.repeats,
+                                  "threads": args.threads}
     for recipe in recipes:
-        fp32, bf16 = (statistics.median(times[recipe][p]) for p in PRECISIONS)
-        summary[recipe] = {"fp32_ms": round(fp32, 1), "bf16_ms": round(bf16, 1),
-                           "fp32_over_bf16": round(fp32 / bf16, 2)}
-        print(f"{recipe:20s} fp32 {fp32:7.1f}  bf16 {bf16:7.1f}  ms/step  -> {fp32 / bf16:.2f}x")
+        a, b = (statistics.median(times[recipe][v]) for v in (first, second))
+        summary[recipe] = {f"{first}_ms": round(a, 1), f"{second}_ms": round(b, 1),
+                           f"{first}_over_{second}": round(a / b, 2)}
+        print(f"{recipe:20s} {first} {a:7.1f}  {second} {b:7.1f}  ms/step  -> {a / b:.2f}x")
     print(json.dumps(summary))
 
 

@@ -53,8 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module_name, _) in commands.items():
         if tuple(argv[: len(words)]) == words:
             module = importlib.import_module(module_name)
+            from dvd.onednn_linear import onednn_linear  # imports torch: not for `dvd --help`
+
             try:
-                return int(module.cli(argv[len(words) :]) or 0)
+                with onednn_linear():  # fp32 CPU linear layers through oneDNN (DVD_ONEDNN_LINEAR=0: not)
+                    return int(module.cli(argv[len(words) :]) or 0)
             except (ConfigError, ValueError, FileNotFoundError) as error:
                 print(f"dvd: error: {error}", file=sys.stderr)
                 return 2
