@@ -1,13 +1,14 @@
 """fp32 linear layers on a CPU through oneDNN instead of the BLAS PyTorch links (MKL).
 
-On an AMD CPU, MKL multiplies fp32 matrices on a code path about half as fast as oneDNN's on the same
-CPU: one thread of a 2-core AMD EPYC with AVX-512, at the demo's shapes ([1088, 128] @ [128, 512] and
-the like), ran 89-98 GFLOP/s in ``torch.mm`` and 194-216 in oneDNN (benchmarks/README.md, "fp32 linear
-layers through oneDNN"). :func:`onednn_linear` routes ``torch.nn.functional.linear``, which every
-``nn.Linear`` and every ``nn.MultiheadAttention`` projection calls, through oneDNN's matmul
-(``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor uses for a CPU's linear layers) in the
-forward pass and for both gradients. It takes plain fp32 CPU tensors outside autocast only; anything else
-(CUDA, bf16, autocast, tensor subclasses, tracing and compiling) goes to PyTorch's own ``linear``.
+On this project's AMD EPYC (AVX-512), MKL multiplied fp32 matrices about half as fast as oneDNN on the
+same CPU (``MKL_VERBOSE`` names no instruction set there): one thread, at the demo's shapes ([1088, 128]
+@ [128, 512] and the like), ran 89-98 GFLOP/s in ``torch.mm`` and 194-216 in oneDNN
+(benchmarks/README.md, "fp32 linear layers through oneDNN"). :func:`onednn_linear` routes
+``torch.nn.functional.linear``, which every ``nn.Linear`` and every ``nn.MultiheadAttention``
+projection calls, through oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor
+uses for a CPU's linear layers) in the forward pass and for both gradients. It takes plain fp32 CPU
+tensors outside autocast only; anything else (CUDA, bf16, autocast, tensor subclasses, tracing and
+compiling) goes to PyTorch's own ``linear``.
 
 The results are fp32, equal to PyTorch's up to rounding (oneDNN sums in another order than MKL), and the
 same from run to run. The ``dvd`` command enters it for every job; ``DVD_ONEDNN_LINEAR=0`` in the
