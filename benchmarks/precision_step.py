@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dvd.onednn_linear import ENV as ONEDNN_ENV
+
 # recipe: (trainer, config name, overrides that keep a short run representative of the whole one)
 RECIPES = {
     "clean-clip": ("clip", "clean-clip", ["warmup_steps=10"]),
@@ -31,21 +33,20 @@ RECIPES = {
     "clean-llava stage2": ("vlm", "clean-llava-stage2", []),
     "delta2-llava stage2": ("vlm", "delta2-llava-stage2", ["eps_warmup_steps=0"]),
 }
-# what is compared: variant -> (the run's precision, its environment); the linear layers' switch is
-# dvd.onednn_linear.ENV
+# what is compared: variant -> (the run's precision, its environment)
 COMPARISONS = {
     "precision": {"fp32": ("fp32", {}), "bf16": ("bf16", {})},
-    "linear": {"aten": ("fp32", {"DVD_ONEDNN_LINEAR": "0"}), "onednn": ("fp32", {"DVD_ONEDNN_LINEAR": "1"})},
+    "linear": {"aten": ("fp32", {ONEDNN_ENV: "0"}), "onednn": ("fp32", {ONEDNN_ENV: "1"})},
 }
 
 
 def run_once(
-    demo: Path, recipe: str, variant: tuple[str, dict[str, str]], steps: int, threads: int, scratch: Path
+    demo: Path, recipe: str, comparison: str, variant: str, steps: int, threads: int, scratch: Path
 ) -> float:
-    """Milliseconds per step of one fresh ``dvd train`` run."""
+    """Milliseconds per step of one fresh ``dvd train`` run of ``variant`` of ``COMPARISONS[comparison]``."""
     trainer, config, overrides = RECIPES[recipe]
-    precision, extra_env = variant
-    out = scratch / f"{config}-{precision}-{len(extra_env)}"
+    precision, extra_env = COMPARISONS[comparison][variant]
+    out = scratch / f"{config}-{variant}"
     config_file = demo / "configs" / f"{config}.yaml"
     argv = [sys.executable, "-m", "dvd.cli", "train", trainer, "--config", str(config_file), f"steps={steps}",
             f"output_dir={out}", "resume=none", "checkpoint_every=1000000", "log_every=1000000",
@@ -72,12 +73,13 @@ def main() -> None:
     if missing:
         parser.error(f"unknown recipe(s) {missing}; choose from {list(RECIPES)}")
     times: dict[str, dict[str, list[float]]] = {r: {v: [] for v in variants} for r in recipes}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
         for round_ in range(args.repeats):
             for recipe in recipes:
                 order = (first, second) if round_ % 2 == 0 else (second, first)
                 for name in order:
-                    ms = run_once(args.demo, recipe, variants[name], args.steps, args.threads, Path(scratch))
+                    ms = run_once(args.demo, recipe, args.compare, name, args.steps, args.threads, scratch)
                     times[recipe][name].append(ms)
                     print(f"round {round_}  {recipe:20s} {name}: {ms:7.1f} ms/step", flush=True)
     summary: dict[str, object] = {"compare": args.compare, "steps": args.steps, "repeats": args.repeats,
