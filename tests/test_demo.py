@@ -97,6 +97,12 @@ def test_the_report_checks_the_five_claims_with_target_measured_margin_and_verdi
             assert "| not measured |" in line
             continue
         assert "**holds**" in line or "**does not hold**" in line, line
+    # the VLM gains (claims 4 and 5) come with their standard error over the test samples: the caption and
+    # VQA evaluations saved their per-sample records for it
+    gains = [line for line in lines if line.startswith(("| 4", "| 5")) and "gain" in line.split(" | ")[1]]
+    assert len(gains) == 4 and all(" ± " in line.split(" | ")[3] for line in gains), gains
+    for task in ("caption", "vqa"):
+        assert all((demo_dir / "samples" / f"{task}-{m}").is_dir() for m in VLM_MODELS)
 
 
 def test_the_vlms_use_their_towers_and_only_delta2_llava_is_tuned_adversarially(demo_dir: Path) -> None:

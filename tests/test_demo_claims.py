@@ -143,3 +143,46 @@ def test_over_seeds_a_claim_holds_only_if_it_holds_for_every_seed() -> None:
     assert ("| ≥ +30.0 pt | 45.0 pt | 25.0 pt | 45.0 pt | 25.0 pt | 45.0 pt | -5.0 pt | "
             "**does not hold** (seed 1) |") in table
     assert "| ≤ 5.0 pt | 2.0 pt | 2.0 pt | 2.0 pt | 2.0 pt | 2.0 pt | +3.0 pt | **holds** |" in table
+
+
+def _vqa_records(outputs: list[list[str]]) -> list[dict]:
+    return [{"id": q, "answers": ["yes"] * 10, "clean": o[0], "outputs": o} for q, o in enumerate(outputs)]
+
+
+# ten questions: delta-llava 60% clean, 40% attacked; Δ²LLaVA keeps its 60% (questions 4 and 5)
+VQA_RECORDS = {
+    "delta-llava": _vqa_records([["yes", "yes"]] * 4 + [["yes", "no"]] * 2 + [["no", "no"]] * 4),
+    "delta2-llava": _vqa_records([["yes", "yes"]] * 6 + [["no", "no"]] * 4),
+}
+
+
+def test_a_gain_gets_its_standard_error_over_the_test_samples_from_the_saved_records() -> None:
+    def source(task: str, model: str, eps: float):
+        assert eps == pytest.approx(EPS4)
+        return VQA_RECORDS.get(model) if task == "vqa" else None
+
+    vqa = {**VQA, "delta-llava": (0.6, 0.4), "delta2-llava": (0.6, 0.6)}
+    checks = by_what(check_claims(results(vqa=vqa), source))
+    gain = checks["Δ²LLaVA vs delta-llava (single defence): attacked VQA accuracy at 4/255, gain"]
+    # per-question differences: two of 1, eight of 0 -> SD sqrt(1.6 / 9), over sqrt(10)
+    assert gain.measured == pytest.approx(20.0) and gain.se == pytest.approx(100 * math.sqrt(1.6 / 90))
+    assert (gain.measured_text, gain.margin_text) == ("20.0 pt ± 13.3", "+20.0 pt (1.5 SE)")
+    assert "| 20.0 pt ± 13.3 | +20.0 pt (1.5 SE) | **holds** |" in claims_table([gain])
+    # claim 3's ratio too, where fare-llava's records are at hand: 60% attacked over its 50%
+    def with_fare(task: str, model: str, eps: float):
+        fare = _vqa_records([["yes", "yes"]] * 5 + [["no", "no"]] * 5)
+        return fare if (task, model) == ("vqa", "fare-llava") else source(task, model, eps)
+
+    vqa3 = {**vqa, "fare-llava": (0.5, 0.5)}
+    ratio = by_what(check_claims(results(vqa=vqa3), with_fare))[
+        "Δ²LLaVA vs fare-llava (prior art): attacked VQA accuracy at 4/255, ratio"]
+    # residuals b - 1.2 a: questions 0-4 -0.2, question 5 +1, 6-9 0 -> SD sqrt(1.2 / 9)
+    assert ratio.measured == pytest.approx(1.2) and ratio.se == pytest.approx(math.sqrt(1.2 / 90) / 0.5)
+    assert ratio.measured_text == f"1.20× ± {ratio.se:.2f}"
+    caption = checks["Δ²LLaVA vs delta-llava (single defence): attacked CIDEr at 4/255, gain"]
+    assert caption.se is None and caption.measured_text == "10.0 CIDEr"  # no records: no error shown
+    # records of another run (they do not give the rows' gain) are not used
+    other = by_what(check_claims(results(), source))
+    assert other["Δ²LLaVA vs delta-llava (single defence): attacked VQA accuracy at 4/255, gain"].se is None
+    spreads = claims_over_seeds({0: list(checks.values()), 1: check_claims(results(vqa=vqa))})
+    assert "| 20.0 pt ± 13.3 | 20.0 pt |" in seeds_claims_table(spreads)

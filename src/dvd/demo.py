@@ -501,7 +501,8 @@ class Demo:
             argv += ["--attack", p.vlm_eval.attack, "--eps", ",".join(p.vlm_eval.eps or p.eps),
                      "--steps", str(p.vlm_eval.steps), "--limit", str(limit),
                      "--references", str(p.vlm_eval.references),
-                     "--attack-precision", self.attack_precision()]
+                     "--attack-precision", self.attack_precision(),
+                     "--save-samples", str(self.layout.samples_dir(task, name))]
         elif task == "pope":
             argv += ["--limit", str(p.vlm_eval.limit)]
         elif task == "scienceqa":

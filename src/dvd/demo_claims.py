@@ -1,5 +1,8 @@
 """The paper's claims as the demo checks them (issue 17's list): each a target, the measured value, the
 margin and a verdict, for one seed or over several (a claim holds only if it holds for every seed).
+A gain or ratio between two VLMs also gets its standard error over the test samples
+(:mod:`dvd.eval.paired`, from the evaluations' ``--save-samples`` records) where they are at hand: how far
+another draw of test images could move it.
 
 The margin is in the check's unit and says how far the measured value lies on the holding side of the
 target: measured − target for a lower bound (``≥``, ``>``), target − measured for an upper bound (``≤``);
@@ -9,14 +12,16 @@ negative: short of the target by that much.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from dvd.data.shapesworld_formats import ZEROSHOT_TASKS
 from dvd.eval.report import average_rows, eps_label
 
 Row = dict[str, Any]
+# (task, model, eps) -> that evaluation's per-sample records (``--save-samples``), None where not saved
+SampleSource = Callable[[str, str, float], Sequence[Mapping[str, Any]] | None]
 HEADLINE_EPS = 4 / 255
 METRIC = {"zeroshot": "accuracy", "caption": "cider", "vqa": "vqa_accuracy"}
 ROBUST_VLMS = ("fare-llava", "delta-llava", "delta2-llava")  # clean-llava is the undefended reference
@@ -25,7 +30,10 @@ LEARNABLE = 20.0  # pt above chance the clean CLIP must reach on every zero-shot
 WORLD = "world"  # the claim label of the learnability checks: a property of the world, not of a defence
 MARGIN_NOTE = (
     "Margin: how far the measured value lies on the holding side of the target, in the check's unit "
-    "(measured − target for ≥ / >, target − measured for ≤; negative: short of the target)."
+    "(measured − target for ≥ / >, target − measured for ≤; negative: short of the target). "
+    "± SE: a VLM gain's or ratio's standard error over the test images / questions (the per-sample "
+    "differences' standard deviation / √n; a ratio's by the delta method; the margin in SE in brackets): "
+    "how far another draw of test samples could move it."
 )
 
 
@@ -40,6 +48,19 @@ class Check:
     unit: str  # "pt" (percentage points), "x" (ratio), "%" (relative change), "CIDEr"
     measured: float | None  # None: not measured (a model or budget missing)
     detail: str = ""
+    se: float | None = None  # the standard error of ``measured`` over the test samples, where known
+
+    @property
+    def measured_text(self) -> str:
+        text = fmt(self.measured, self.unit)
+        if self.se is None or self.measured is None or math.isinf(self.measured):
+            return text
+        return f"{text} ± {self.se:.{2 if self.unit == 'x' else 1}f}"
+
+    @property
+    def margin_text(self) -> str:
+        text, margin = fmt(self.margin, self.unit, signed=True), self.margin
+        return text if not self.se or margin is None else f"{text} ({margin / self.se:.1f} SE)"
 
     @property
     def margin(self) -> float | None:
@@ -98,10 +119,37 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if num > 0 else 1.0
 
 
-def check_claims(rows: Sequence[Row]) -> list[Check]:
+def check_claims(rows: Sequence[Row], samples: SampleSource | None = None) -> list[Check]:
     """The checks of claims 1-5 on one seed's result rows (``results.json``), in the list's order, then
-    whether the world makes every ShapesWorld zero-shot task learnable (:func:`learnable_checks`)."""
-    return _clip_checks(rows) + _vlm_checks(rows) + learnable_checks(rows)
+    whether the world makes every ShapesWorld zero-shot task learnable (:func:`learnable_checks`).
+    ``samples``: where the VLM evaluations' per-sample records are, for the gains' standard errors."""
+    return _clip_checks(rows) + _vlm_checks(rows, samples) + learnable_checks(rows)
+
+
+def sample_se(
+    samples: SampleSource | None, task: str, a: str, b: str, eps: float, measured: float, *,
+    ratio: bool = False,
+) -> float | None:
+    """The standard error of ``b``'s attacked-score gain over ``a`` (×100: the claims' CIDEr and pt) or,
+    with ``ratio``, of its ratio to ``a``'s, from their per-sample records (:mod:`dvd.eval.paired`); None
+    without records, or when they do not give the rows' ``measured`` value (another run's records)."""
+    if samples is None or math.isinf(measured):
+        return None
+    records_a, records_b = samples(task, a, eps), samples(task, b, eps)
+    if not records_a or not records_b:
+        return None
+    from dvd.eval.paired import compare, compare_ratio
+
+    try:
+        if ratio:
+            paired = compare_ratio(task, records_a, records_b)
+            value, se = (paired.ratio, paired.se) if paired is not None else (math.nan, None)
+        else:
+            difference = compare(task, records_a, records_b)
+            value, se = 100 * difference.mean, 100 * difference.se
+    except ValueError:
+        return None
+    return se if abs(value - measured) < 1e-6 * max(1.0, abs(measured)) else None
 
 
 def learnable_checks(rows: Sequence[Row]) -> list[Check]:
@@ -157,7 +205,7 @@ def _clip_checks(rows: Sequence[Row]) -> list[Check]:
     return checks
 
 
-def _vlm_checks(rows: Sequence[Row]) -> list[Check]:
+def _vlm_checks(rows: Sequence[Row], samples: SampleSource | None = None) -> list[Check]:
     eps = claim_eps(rows, ("caption", "vqa"))
     at = eps_label(eps) if eps is not None else "4/255"
     unit = {"caption": "CIDEr", "vqa": "pt"}  # CIDEr x100 as in the captioning papers; VQA accuracy in %
@@ -182,12 +230,16 @@ def _vlm_checks(rows: Sequence[Row]) -> list[Check]:
         got = pair(task, "delta2-llava", "fare-llava")
         what = f"Δ²LLaVA vs fare-llava (prior art): {names[task]} at {at}, ratio"
         ratio = _ratio(got[0], got[1]) if got else None
-        checks.append(Check(3, what, ">=", target, "x", ratio, got[2] if got else missing("fare-llava")))
+        se = None if ratio is None else sample_se(samples, task, "fare-llava", "delta2-llava", eps, ratio,
+                                                  ratio=True)
+        checks.append(Check(3, what, ">=", target, "x", ratio, got[2] if got else missing("fare-llava"), se))
     for task in unit:
         got = pair(task, "delta2-llava", "delta-llava")
         what = f"Δ²LLaVA vs delta-llava (single defence): {names[task]} at {at}, gain"
-        checks.append(Check(4, what, ">", 0.0, unit[task], got[0] - got[1] if got else None,
-                            got[2] if got else missing("delta2-llava", "delta-llava")))
+        gain = got[0] - got[1] if got else None
+        se = None if gain is None else sample_se(samples, task, "delta-llava", "delta2-llava", eps, gain)
+        checks.append(Check(4, what, ">", 0.0, unit[task], gain,
+                            got[2] if got else missing("delta2-llava", "delta-llava"), se))
     got = pair("caption", "delta2-llava", "delta-llava", "clean")
     drop = 100 * (got[1] - got[0]) / got[1] if got and got[1] > 0 else None
     checks.append(Check(4, "Δ²LLaVA vs delta-llava: clean CIDEr drop (relative)", "<=", 10.0, "%", drop,
@@ -195,15 +247,16 @@ def _vlm_checks(rows: Sequence[Row]) -> list[Check]:
     for task in unit:
         reference = get(task, "clean-llava")
         robust = {m: v for m in ROBUST_VLMS if (v := get(task, m)) is not None}
-        gain, detail = None, missing("clean-llava", "a robust VLM")
+        gain, detail, se = None, missing("clean-llava", "a robust VLM"), None
         if reference is not None and len(robust) == len(ROBUST_VLMS):
             weakest = min(robust, key=lambda m: robust[m])
             gain = robust[weakest] - reference
+            se = sample_se(samples, task, "clean-llava", weakest, eps, gain)
             detail = (f"clean-llava {fmt(get(task, 'clean-llava', 'clean'), unit[task])} clean → "
                       f"{fmt(reference, unit[task])} attacked; the weakest robust VLM, {weakest}: "
                       f"{fmt(robust[weakest], unit[task])} attacked")
         what = f"every robust VLM vs clean-llava (undefended): {names[task]} at {at}, gain of the weakest"
-        checks.append(Check(5, what, ">", 0.0, unit[task], gain, detail))
+        checks.append(Check(5, what, ">", 0.0, unit[task], gain, detail, se))
     return checks
 
 
@@ -216,8 +269,8 @@ def claims_table(checks: Sequence[Check]) -> str:
     lines = ["| claim | check | target | measured | margin | verdict | from |", "|" + "---|" * 7]
     for c in checks:
         lines.append(
-            f"| {c.claim} | {c.what} | {c.target_text} | {fmt(c.measured, c.unit)} | "
-            f"{fmt(c.margin, c.unit, signed=True)} | {verdict(c.holds, c.measured)} | {c.detail} |"
+            f"| {c.claim} | {c.what} | {c.target_text} | {c.measured_text} | "
+            f"{c.margin_text} | {verdict(c.holds, c.measured)} | {c.detail} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -230,6 +283,7 @@ class SeedSpread:
     measured: dict[int, float | None]
     margins: dict[int, float | None]
     holds_per_seed: dict[int, bool]
+    texts: dict[int, str] = field(default_factory=dict)  # per seed: the value as shown (with its SE)
 
     @property
     def holds(self) -> bool:
@@ -252,7 +306,8 @@ def claims_over_seeds(per_seed: Mapping[int, Sequence[Check]]) -> list[SeedSprea
     for i, check in enumerate(first):
         at = {s: per_seed[s][i] for s in seeds}
         spreads.append(SeedSpread(check, {s: c.measured for s, c in at.items()},
-                                  {s: c.margin for s, c in at.items()}, {s: c.holds for s, c in at.items()}))
+                                  {s: c.margin for s, c in at.items()}, {s: c.holds for s, c in at.items()},
+                                  {s: c.measured_text for s, c in at.items()}))
     return spreads
 
 
@@ -269,7 +324,8 @@ def seeds_claims_table(spreads: Sequence[SeedSpread]) -> str:
         word = verdict(sp.holds, known or None)
         if known and failing:
             word += f" (seed {', '.join(map(str, failing))})"
-        cells = [str(c.claim), c.what, c.target_text, *(fmt(sp.measured[s], c.unit) for s in seeds),
+        cells = [str(c.claim), c.what, c.target_text,
+                 *(sp.texts.get(s) or fmt(sp.measured[s], c.unit) for s in seeds),
                  fmt(min(known), c.unit) if known else "–", fmt(max(known), c.unit) if known else "–",
                  fmt(sp.worst_margin, c.unit, signed=True), word]
         lines.append("| " + " | ".join(cells) + " |")

@@ -238,6 +238,26 @@ class DemoLayout:
     def results_file(self, task: str, model: str) -> Path:
         return self.out / "results" / f"{task}-{model}.json"
 
+    def samples_dir(self, task: str, model: str) -> Path:
+        """The per-sample records of a caption or VQA evaluation (``--save-samples``: the outputs, clean and
+        attacked, that the report pairs across models)."""
+        return self.out / "samples" / f"{task}-{model}"
+
+    def samples_file(self, task: str, model: str, eps: float) -> Path | None:
+        """The records of that evaluation's budget ``eps`` (:func:`dvd.eval.samples.sample_set_name`'s
+        ``...-eps<k>of255.jsonl``); None unless exactly one file matches."""
+        found = sorted(self.samples_dir(task, model).glob(f"*-eps{eps * 255:g}of255.jsonl"))
+        return found[0] if len(found) == 1 else None
+
+    def sample_records(self, task: str, model: str, eps: float) -> list[dict[str, Any]] | None:
+        """The records of :meth:`samples_file`, or None (a :data:`dvd.demo_claims.SampleSource`)."""
+        path = self.samples_file(task, model, eps)
+        if path is None:
+            return None
+        from dvd.eval.paired import read_records
+
+        return read_records(path)
+
     def stage_config(self, name: str) -> Path:
         """The ``dvd train`` config the demo wrote for ``name`` (``delta-clip``, ``delta2-llava-stage2``)."""
         return self.out / "configs" / f"{name}.yaml"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, check_claims, claims_table, headline
+from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, SampleSource, check_claims, claims_table, headline
 from dvd.demo_examples import example_grid, vlm_example_grid
 from dvd.demo_figures import plot_results
 from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, DemoPreset, ReportInputs
@@ -106,7 +106,7 @@ def render_markdown(
     if "headline" in plots:
         add(f"![clean vs attacked zero-shot accuracy]({_rel(plots['headline'], inputs.layout.out)})\n")
     add("## The paper's claims, checked on the small world\n")
-    add(_claims_text(rows))
+    add(_claims_text(rows, inputs.layout.sample_records))
     add("## Zero-shot classification\n")
     add(
         f"Five tasks (which colour / shape / how many / what size / which texture), {p.zeroshot.limit} "
@@ -176,8 +176,8 @@ def _headline_text(head: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _claims_text(rows: Sequence[Row]) -> str:
-    checks = check_claims(rows)
+def _claims_text(rows: Sequence[Row], samples: SampleSource | None = None) -> str:
+    checks = check_claims(rows, samples)
     if all(c.measured is None for c in checks):
         return "Not enough results yet to compare with the paper.\n"
     return (

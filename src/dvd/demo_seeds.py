@@ -4,13 +4,20 @@ it holds for every seed) with every seed's rows in ``OUT/results.json``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dvd.config import ConfigError
-from dvd.demo_claims import MARGIN_NOTE, check_claims, claims_over_seeds, headline, seeds_claims_table
-from dvd.demo_preset import CLIP_MODELS, DemoPreset
+from dvd.demo_claims import (
+    MARGIN_NOTE,
+    SampleSource,
+    check_claims,
+    claims_over_seeds,
+    headline,
+    seeds_claims_table,
+)
+from dvd.demo_preset import CLIP_MODELS, DemoLayout, DemoPreset
 from dvd.io import atomic_write, read_json, write_json
 
 Row = dict[str, Any]
@@ -52,14 +59,18 @@ def write_seeds_report(out: str | Path, seeds: Sequence[int], preset: DemoPreset
         path = seed_dir(out, seed) / "results.json"
         per_seed[seed] = [{**r, "seed": seed} for r in read_json(path)] if path.is_file() else []
     write_json(out / "results.json", [r for rows in per_seed.values() for r in rows])
-    text = render_seeds_markdown(per_seed, preset)
+    samples = {seed: DemoLayout(seed_dir(out, seed)).sample_records for seed in seeds}
+    text = render_seeds_markdown(per_seed, preset, samples)
     path = out / "report.md"
     atomic_write(path, lambda p: p.write_text(text))
     return path
 
 
-def render_seeds_markdown(per_seed: dict[int, list[Row]], preset: DemoPreset) -> str:
-    """The report over seeds: the claims table with the seed spread, the zero-shot headline per seed."""
+def render_seeds_markdown(
+    per_seed: dict[int, list[Row]], preset: DemoPreset, samples: Mapping[int, SampleSource] | None = None
+) -> str:
+    """The report over seeds: the claims table with the seed spread, the zero-shot headline per seed;
+    ``samples``: per seed, where its VLM evaluations' per-sample records are (the gains' standard errors)."""
     seeds = list(per_seed)
     name = preset.name
     listed = ", ".join(map(str, seeds))
@@ -71,7 +82,9 @@ def render_seeds_markdown(per_seed: dict[int, list[Row]], preset: DemoPreset) ->
         "## The paper's claims over the seeds\n",
         "Each check's value per seed, its range, and the smallest margin over the seeds; a check holds only "
         f"if it holds for every seed. {MARGIN_NOTE}\n",
-        seeds_claims_table(claims_over_seeds({s: check_claims(rows) for s, rows in per_seed.items()})),
+        seeds_claims_table(claims_over_seeds({
+            s: check_claims(rows, samples.get(s) if samples else None) for s, rows in per_seed.items()
+        })),
         "## Zero-shot average per seed (clean / attacked at 4/255, %)\n",
         "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|" + "---|" * (len(seeds) + 1),
