@@ -380,8 +380,9 @@ def _setup_text(inputs: ReportInputs, stages: dict[str, dict[str, Any]]) -> str:
     lines = ["## Set-up\n"]
     lines.append(
         f"- Preset `{p.name}`, seed {p.seed}, device `{inputs.device}`. ShapesWorld: {p.world.size} "
-        f"pre-training pairs, {p.world.image_size} px, {p.world.eval_size} test images per zero-shot task, "
-        f"{p.world.instruct_size} instruction images."
+        f"pre-training pairs, {p.world.image_size} px, {p.world.eval_size} held-out images (a fifth of them "
+        f"the caption validation split, the rest its test split) and as many test images per zero-shot task, "
+        f"{p.world.instruct_size} instruction images (the evaluations' limits are below)."
     )
     common = p.clip_common
     desc = f"`{common.get('model')}` ({p.world.image_size} px)"
