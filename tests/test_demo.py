@@ -675,3 +675,17 @@ def test_the_demos_own_process_imports_no_trainer_evaluation_or_plotting_library
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(set(heavy) - {"matplotlib"}))
+
+
+def test_an_evaluation_started_afresh_drops_the_records_an_earlier_run_left(tmp_path: Path) -> None:
+    demo = demo_module.Demo(tmp_path, load_preset("test"), vlm=True)
+    stale = demo.layout.samples_dir("caption", "delta2-llava") / "caption-old.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"id": 0, "clean": "an earlier model caption"}\n')
+    partial = Path(f"{demo.results_file('caption', 'delta2-llava')}.partial")
+    partial.mkdir(parents=True)  # a resumable evaluation keeps the records it has written so far
+    demo.clear_stale_samples("caption", "delta2-llava")
+    assert stale.is_file()
+    partial.rmdir()  # afresh: the writer would skip the new records whose ids the old ones have
+    demo.clear_stale_samples("caption", "delta2-llava")
+    assert not stale.parent.exists()

@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -520,8 +521,17 @@ class Demo:
         precision = self.preset.vlm_eval.precision
         return precision if precision == "auto" else native_precision(precision, torch.device(self.device))
 
+    def clear_stale_samples(self, task: str, name: str) -> None:
+        """Before an evaluation starts afresh (no resumable ``.partial`` state), drop the per-sample records
+        an earlier run left: the writer skips ids it already has, so a retrained model's records would
+        otherwise keep the old model's outputs."""
+        partial = Path(f"{self.results_file(task, name)}.partial")
+        if not partial.exists():
+            shutil.rmtree(self.layout.samples_dir(task, name), ignore_errors=True)
+
     def _vlm_eval_fn(self, task: str, name: str) -> Callable[[], None]:
         def run() -> None:
+            self.clear_stale_samples(task, name)
             module = importlib.import_module(VLM_EVALS[task])
             with quiet_stdout():
                 check(module.cli(self.vlm_eval_argv(task, name)), f"dvd eval {task} ({name})")
