@@ -143,7 +143,9 @@ def sample_se(
     try:
         if ratio:
             paired = compare_ratio(task, records_a, records_b)
-            value, se = (paired.ratio, paired.se) if paired is not None else (math.nan, None)
+            if paired is None:
+                return None
+            value, se = paired.ratio, paired.se
         else:
             difference = compare(task, records_a, records_b)
             value, se = 100 * difference.mean, 100 * difference.se

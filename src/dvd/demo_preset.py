@@ -246,7 +246,9 @@ class DemoLayout:
     def samples_file(self, task: str, model: str, eps: float) -> Path | None:
         """The records of that evaluation's budget ``eps`` (:func:`dvd.eval.samples.sample_set_name`'s
         ``...-eps<k>of255.jsonl``); None unless exactly one file matches."""
-        found = sorted(self.samples_dir(task, model).glob(f"*-eps{eps * 255:g}of255.jsonl"))
+        from dvd.eval.samples import eps_tag
+
+        found = sorted(self.samples_dir(task, model).glob(f"*-{eps_tag(eps)}.jsonl"))
         return found[0] if len(found) == 1 else None
 
     def sample_records(self, task: str, model: str, eps: float) -> list[dict[str, Any]] | None:

@@ -18,7 +18,7 @@ from dvd.data.captions import CocoCaptions
 from dvd.data.transforms import image_transform
 from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
-from dvd.eval.cider import CiderScorer, cider, cider_per_image, ptb_tokenize
+from dvd.eval.cider import CiderScorer, cider, cider_per_image, clean_and_worst, ptb_tokenize
 from dvd.eval.results import ResultRow
 from dvd.eval.spec import VLM_DEFAULTS, EvalSpec
 from dvd.io import read_json
@@ -180,10 +180,8 @@ def caption_scores(
 ) -> tuple[float, float]:
     """Corpus CIDEr of the clean captions (each sample's first output) and of each sample's lowest-CIDEr
     output, over the evaluated images' references."""
-    scorer = CiderScorer({s["position"]: references[s["position"]] for s in samples})
-    clean = [scorer(s["position"], s["outputs"][0]) for s in samples]
-    worst = [min(scorer(s["position"], o) for o in s["outputs"]) for s in samples]
-    return sum(clean) / len(clean), sum(worst) / len(worst)
+    scores = list(clean_and_worst(references, {s["position"]: s["outputs"] for s in samples}).values())
+    return sum(c for c, _ in scores) / len(scores), sum(w for _, w in scores) / len(scores)
 
 
 def cli(argv: Sequence[str]) -> int:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["CiderScorer", "cider", "cider_per_image", "ptb_tokenize"]
+__all__ = ["CiderScorer", "cider", "cider_per_image", "clean_and_worst", "ptb_tokenize"]
 
 # Tokens the COCO evaluation removes after PTB tokenisation (PTB spellings of quotes, dashes, periods...).
 _DROPPED = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
@@ -261,6 +261,19 @@ def cider_per_image(
         )
     scorer = CiderScorer({k: references[k] for k in candidates}, n=n, sigma=sigma, tokenize=tokenize)
     return {key: scorer(key, caption) for key, caption in candidates.items()}
+
+
+def clean_and_worst(
+    references: Mapping[Hashable, Sequence[str]], outputs: Mapping[Hashable, Sequence[str]]
+) -> dict[Hashable, tuple[float, float]]:
+    """Per image of ``outputs`` (its clean caption first, then the attacked ones): the clean caption's
+    CIDEr-D and the lowest of all, with the idf of these images' ``references``."""
+    scorer = CiderScorer({k: references[k] for k in outputs})
+    scores = {}
+    for key, texts in outputs.items():
+        per_output = [scorer(key, text) for text in texts]
+        scores[key] = (per_output[0], min(per_output))
+    return scores
 
 
 Captions = Mapping[Hashable, str]

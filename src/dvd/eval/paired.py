@@ -5,10 +5,9 @@ A gain between two VLMs evaluated on the same images (claim 4's attacked CIDEr, 
 per-image differences; how far it could move on another draw of test images is the standard error of
 that mean (the sample standard deviation of the differences over sqrt(n)); a ratio of the two means
 ``B / A`` gets the delta method's, the standard error of the mean of ``b - (B / A) a`` over ``A``. The
-per-sample scores come
-from the evaluations' ``--save-samples`` records (:mod:`dvd.eval.samples`): CIDEr of each caption against
-its image's references with the corpus idf of the evaluated images (the rows' own metric, so the mean of
-the per-image scores is the row's value), VQA accuracy of each answer.
+per-sample scores come from the evaluations' ``--save-samples`` records (:mod:`dvd.eval.samples`): CIDEr
+of each caption against its image's references with the corpus idf of the evaluated images (the rows' own
+metric, so the mean of the per-image scores is the row's value), VQA accuracy of each answer.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.eval.cider import CiderScorer
+from dvd.eval.cider import clean_and_worst
 
 Scores = dict[str, tuple[float, float]]  # sample id -> (clean score, worst-case score)
 
@@ -91,26 +90,15 @@ def _outputs(record: Mapping[str, Any]) -> Sequence[str]:
 def caption_scores(records: Sequence[Mapping[str, Any]]) -> Scores:
     """Each image's CIDEr, clean and worst case, with the idf of the records' own references (the corpus
     :func:`dvd.eval.captioning.caption_scores` scores, so the means are the caption rows' values)."""
-    scorer = CiderScorer({str(r["id"]): list(r["references"]) for r in records})
-    scores = {}
-    for r in records:
-        key = str(r["id"])
-        per_output = [scorer(key, o) for o in _outputs(r)]
-        scores[key] = (per_output[0], min(per_output))
-    return scores
+    references = {str(r["id"]): list(r["references"]) for r in records}
+    return clean_and_worst(references, {str(r["id"]): _outputs(r) for r in records})
 
 
 def vqa_scores(records: Sequence[Mapping[str, Any]]) -> Scores:
     """Each question's VQA accuracy, clean and worst case (over the human ``answers`` of the record)."""
-    from dvd.eval.vqa import vqa_accuracy
+    from dvd.eval.vqa import answer_scores
 
-    return {
-        str(r["id"]): (
-            vqa_accuracy(_outputs(r)[0], r["answers"]),
-            min(vqa_accuracy(o, r["answers"]) for o in _outputs(r)),
-        )
-        for r in records
-    }
+    return {str(r["id"]): answer_scores(_outputs(r), r["answers"]) for r in records}
 
 
 SCORERS = {"caption": caption_scores, "vqa": vqa_scores}

@@ -22,9 +22,14 @@ from PIL import Image
 from torch import Tensor
 
 
+def eps_tag(eps: float) -> str:
+    """The budget's part of a sample set's name: ``eps4of255`` for 4/255."""
+    return f"eps{eps * 255:g}of255"
+
+
 def sample_set_name(task: str, model: str, dataset: str, attack: str, eps: float) -> str:
     """A file-system-safe name for one evaluated budget."""
-    raw = f"{task}-{model}-{dataset}-{attack}-eps{eps * 255:g}of255"
+    raw = f"{task}-{model}-{dataset}-{attack}-{eps_tag(eps)}"
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", raw)
 
 

@@ -149,6 +149,12 @@ class _VQA(va.QuestionTask):
         return {"question_id": item["question_id"], "answers": list(item["answers"])}
 
 
+def answer_scores(outputs: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
+    """VQA accuracy of the clean answer (``outputs[0]``) and the lowest over all of ``outputs``."""
+    per_output = [vqa_accuracy(text, answers) for text in outputs]
+    return per_output[0], min(per_output)
+
+
 def evaluate_vqa(
     model: VisionLanguageModel,
     data: Any,
@@ -181,10 +187,10 @@ def evaluate_vqa(
     )
     rows = []
     for budget in budgets:
-        clean = [vqa_accuracy(s["outputs"][0], s["answers"]) for s in budget.samples]
-        worst = [min(vqa_accuracy(o, s["answers"]) for o in s["outputs"]) for s in budget.samples]
-        values = {"vqa_accuracy": (sum(clean) / len(clean), sum(worst) / len(worst))}
-        rows += va.budget_rows(spec, budget, "vqa", values, len(clean))
+        scores = [answer_scores(s["outputs"], s["answers"]) for s in budget.samples]
+        clean, worst = sum(c for c, _ in scores) / len(scores), sum(w for _, w in scores) / len(scores)
+        values = {"vqa_accuracy": (clean, worst)}
+        rows += va.budget_rows(spec, budget, "vqa", values, len(scores))
     return rows
 
 
