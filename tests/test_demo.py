@@ -110,12 +110,22 @@ def test_the_vlms_use_their_towers_and_only_delta2_llava_is_tuned_adversarially(
     from dvd.train.vlm_config import VlmTrainConfig
 
     for model, tower in VISION_TOWER.items():
-        stage1 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage1.yaml")
         stage2 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage2.yaml")
+        assert stage2.adversarial == (model == "delta2-llava")
+        if model == "delta2-llava":  # the test preset branches it off delta-llava's stage 2 at step 1
+            assert not (demo_dir / "configs" / f"{model}-stage1.yaml").exists()
+            assert Path(stage2.init) == demo_dir / "models" / "delta-llava-stage1" / "final"
+            assert Path(stage2.branch_from) == demo_dir / "models" / "delta-llava-stage2" / "checkpoints" / (
+                "step-000000001"
+            )
+            summary = json.loads((demo_dir / "models" / f"{model}-stage2" / "summary.json").read_text())
+            assert (summary["resumed_from"], summary["step"]) == (1, 2)
+            continue
+        stage1 = load_config(VlmTrainConfig, demo_dir / "configs" / f"{model}-stage1.yaml")
         assert Path(stage1.vision) == demo_dir / "models" / tower / "final"
         assert isinstance(stage1.lm, dict)  # a fresh LM: the preset trains none for them to share
         assert Path(stage2.init) == demo_dir / "models" / f"{model}-stage1" / "final"
-        assert stage1.adversarial == stage2.adversarial == (model == "delta2-llava")
+        assert not stage1.adversarial and stage2.branch_from is None
 
 
 def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> None:
@@ -303,8 +313,56 @@ def test_only_delta2_llavas_stage_configs_carry_the_training_attack_and_its_eps_
         kept = attack_keys & set(stage2)
         assert kept == (attack_keys if model == "delta2-llava" else set()), model
         assert stage2["steps"] == quick.vlm_stages["stage2"]["steps"]  # otherwise the same recipe
-    assert _delta2_ramp(quick) == "; eps ramped up from 0 in stage 2 over its first 500 steps"  # the report
+    assert _delta2_ramp(quick) == "; eps ramped up from 0 in stage 2 over its first 50 steps"  # the report
     assert _delta2_ramp(load_preset("test")) == ""
+
+
+def test_a_branched_delta2_llava_trains_only_a_stage_2_that_starts_from_delta_llavas_checkpoint(
+    tmp_path: Path,
+) -> None:
+    quick = load_preset("quick")
+    assert "delta2_branch_step" not in dataclasses.replace(quick, delta2_branch_step=None).fingerprint()
+    branched = dataclasses.replace(quick, delta2_branch_step=500)
+    assert branched.fingerprint()["delta2_branch_step"] == 500  # a folder made without it is not reused
+    demo = demo_module.Demo(tmp_path, branched, vlm=True)
+    stages = {s.name: s for s in demo.stages()}
+    assert "train delta2-llava stage1" not in stages
+    assert stages["train delta2-llava stage2"].needs == ("train delta-llava stage2",)
+    for model in ("clean-llava", "fare-llava", "delta-llava"):  # the others as before
+        assert stages[f"train {model} stage2"].needs == (f"train {model} stage1",)
+    delta2 = demo.vlm_config("delta2-llava", "delta-clip", "stage2")
+    point = tmp_path / "models" / "delta-llava-stage2" / "checkpoints" / "step-000000500"
+    assert delta2["branch_from"] == str(point) and delta2["adversarial"] is True
+    assert delta2["init"] == str(tmp_path / "models" / "delta-llava-stage1" / "final")
+    parent = demo.vlm_config("delta-llava", "delta-clip", "stage2")
+    assert "branch_from" not in parent and parent["adversarial"] is False
+    every = parent["checkpoint_every"]
+    assert (parent["steps"] - 500) // every < parent["keep_last"]  # step 500 is kept to the end
+    own_run = dataclasses.replace(quick, delta2_branch_step=None)
+    plain = demo_module.Demo(tmp_path / "plain", own_run, vlm=True)
+    assert "branch_from" not in plain.vlm_config("delta2-llava", "delta-clip", "stage2")
+    assert "train delta2-llava stage1" in {s.name for s in plain.stages()}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("delta2_branch_step: 300\n",
+         r"delta2_branch_step in .*mine.yaml \(300\) must be a multiple of stage 2.s checkpoint_every"),
+        ("delta2_branch_step: 1000\n", r"delta2_branch_step in .*mine.yaml \(1000\) must be below "
+                                       r"vlm_stages.stage2.steps \(1000\)"),
+        ("delta2_branch_step: 0\n", r"delta2_branch_step in .*mine.yaml must be a positive step of stage 2, "
+                                    "got 0"),
+    ],
+)
+def test_a_branch_step_outside_stage_2s_checkpoints_is_a_one_line_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    quick = (Path(demo_module.__file__).parents[2] / "configs" / "demo" / "quick.yaml").read_text()
+    quick = "\n".join(line for line in quick.splitlines() if not line.startswith("delta2_branch_step"))
+    with pytest.raises(ConfigError, match=message) as error:
+        load_preset("mine", _preset(tmp_path, quick + "\n" + text))
+    assert "\n" not in str(error.value)
 
 
 def test_a_preset_without_world_spec_writes_no_spec_file(tmp_path: Path) -> None:
@@ -565,7 +623,8 @@ def test_a_preset_may_train_one_lm_for_every_vlm_first_from_text_alone(tmp_path:
     stages = {s.name: s for s in demo.stages()}
     assert stages["train lm"].needs == ("world",)
     for model, tower in VISION_TOWER.items():  # each VLM's stage 1 reads its tower and the shared LM
-        assert stages[f"train {model} stage1"].needs == (f"train {tower}", "train lm")
+        if model != "delta2-llava":  # branched off delta-llava's stage 2 in the test preset
+            assert stages[f"train {model} stage1"].needs == (f"train {tower}", "train lm")
     demo.run(only=["world", "train lm"], report=False)
     lm = load_config(LmTrainConfig, tmp_path / "configs" / "lm.yaml")  # the VLMs' tokenizer and template
     assert (lm.tokenizer, lm.template, lm.max_length, lm.steps) == ("shapesworld", "vicuna_v1_short", 256, 2)

@@ -104,10 +104,17 @@ def test_report_states_whether_the_delta_clip_claims_hold(
 def test_the_report_names_the_eps_delta2_llava_was_trained_at_wherever_the_preset_sets_it() -> None:
     import dataclasses
 
-    from dvd.demo_report import _delta2_eps
+    from dvd.demo_report import _delta2_eps, _delta2_recipe
 
-    preset = load_preset("quick")
-    assert _delta2_eps(preset) == "2/255"
+    quick = load_preset("quick")  # Δ²LLaVA branches off delta-llava's stage 2: only stage 2 is attacked
+    assert _delta2_recipe(quick) == ("delta-llava's run up to step 500 of stage 2, then PGD-3 at eps 4/255 "
+                                     "on every training batch; eps ramped up from 0 over the next 50 steps")
+    preset = dataclasses.replace(quick, delta2_branch_step=None)  # its own run, attacked in both stages
+    stages = {**preset.vlm_stages, "stage1": {**preset.vlm_stages["stage1"], "eps": "2/255"}}
+    preset = dataclasses.replace(preset, vlm_stages=stages)
+    assert _delta2_eps(preset) == "2/255 / 4/255"
+    assert _delta2_recipe(preset) == ("ΔCLIP, and PGD at eps 2/255 / 4/255 on every training batch of both "
+                                      "stages; eps ramped up from 0 in stage 2 over its first 50 steps")
     stages = {name: {k: v for k, v in stage.items() if k != "eps"} for name, stage in
               preset.vlm_stages.items()}
     assert _delta2_eps(dataclasses.replace(preset, vlm_stages=stages)) == "4/255"  # dvd train vlm's default

@@ -129,3 +129,41 @@ def test_fsdp_run_stopped_and_resumed_ends_where_a_ddp_run_ends(world, tmp_path)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_branch_continues_its_parent_run_exactly_and_then_follows_its_own_recipe(world, tmp_path):
+    # the clean parent: 6 steps, checkpoints at 3 and 6
+    steps = ["steps=6", "checkpoint_every=3", "eps=4/255", "eps_warmup_steps=4"]
+    parent = run(module_command(MODULE, args(world, tmp_path / "clean", *steps, "adversarial=false")))
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    branch_point = tmp_path / "clean" / "checkpoints" / "step-000000003"
+
+    # the same recipe from the branch point ends bitwise where the parent ended
+    same = run(module_command(MODULE, args(world, tmp_path / "same", *steps, "adversarial=false",
+                                           f"branch_from={branch_point}")))
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert json.loads(same.stdout.strip().splitlines()[-1])["resumed_from"] == 3
+    assert_bitwise_equal(final_weights(tmp_path / "clean"), final_weights(tmp_path / "same"))
+
+    # Δ² from the branch point: its eps warm-up counts from step 3, so at the last step (5) it is still
+    # ramping (an unbranched run with the same warm-up would be at the full 4/255 from step 3 on)
+    delta2 = run(module_command(MODULE, args(world, tmp_path / "delta2", *steps, "adversarial=true",
+                                             f"branch_from={branch_point}", "log_every=1")))
+    assert delta2.returncode == 0, delta2.stderr[-3000:]
+    last = json.loads((tmp_path / "delta2" / "summary.json").read_text())["last"]
+    assert last["train/attack/eps"] == pytest.approx(4 / 255 * 3 / 4)
+    assert last["train/attack/loss_gain"] > 0
+    expected, got = final_weights(tmp_path / "clean"), final_weights(tmp_path / "delta2")
+    assert any(not torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_a_branch_refuses_another_schedule_or_a_folder_that_is_no_checkpoint(world, tmp_path):
+    parent = run(module_command(MODULE, args(world, tmp_path / "p", "steps=2", "checkpoint_every=1")))
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    point = tmp_path / "p" / "checkpoints" / "step-000000001"
+    longer = run(module_command(MODULE, args(world, tmp_path / "b", "steps=4", f"branch_from={point}")))
+    assert longer.returncode != 0 and "steps=2" in longer.stderr and "steps=4" in longer.stderr
+    nowhere = run(module_command(MODULE, args(world, tmp_path / "c", "steps=2",
+                                              f"branch_from={tmp_path / 'p'}")))
+    assert nowhere.returncode != 0
+    assert "is not a complete checkpoint folder" in nowhere.stderr.strip().splitlines()[-1]

@@ -42,6 +42,7 @@ from dvd.config import ConfigError, positive_int
 from dvd.data import shapesworld
 from dvd.demo_preset import (
     ADVERSARIAL_VLMS,
+    BRANCHES,
     CLIP_MODELS,
     LM_MODEL,
     TARGET_CAPTION,
@@ -126,8 +127,7 @@ class Demo:
                 done = self._final_exists(LM_MODEL)
                 stages.append(Stage(shared_lm[0], self._train_lm, done, "vlm", ("world",)))
             for name, vision in VISION_TOWER.items():
-                for stage, needs in (("stage1", (f"train {vision}", *shared_lm)),
-                                     ("stage2", (f"train {name} stage1",))):
+                for stage, needs in self._vlm_trainings(name, vision, shared_lm):
                     stages.append(
                         Stage(f"train {name} {stage}", self._train_vlm_fn(name, vision, stage),
                               self._final_exists(f"{name}-{stage}"), "vlm", needs)
@@ -137,6 +137,21 @@ class Demo:
                     run, done = self._vlm_eval_fn(task, name), self._evaluated(task, name)
                     stages.append(Stage(f"{task} {name}", run, done, "vlm", (f"train {name} stage2",)))
         return stages
+
+    def _vlm_trainings(
+        self, name: str, vision: str, shared_lm: tuple[str, ...]
+    ) -> list[tuple[str, tuple[str, ...]]]:
+        """The training stages of VLM ``name`` and their inputs: stage 1 on its tower, stage 2 on its stage
+        1; a branched Δ²LLaVA (``delta2_branch_step``) only a stage 2, from its clean parent's run."""
+        parent = BRANCHES.get(name) if self.preset.delta2_branch_step is not None else None
+        if parent:
+            return [("stage2", (f"train {parent} stage2",))]
+        return [("stage1", (f"train {vision}", *shared_lm)), ("stage2", (f"train {name} stage1",))]
+
+    def branch_point(self) -> Path:
+        """The checkpoint of delta-llava's stage 2 that a branched Δ²LLaVA starts from."""
+        step = self.preset.delta2_branch_step
+        return self.model_dir(f"{BRANCHES['delta2-llava']}-stage2") / "checkpoints" / f"step-{step:09d}"
 
     def _evaluated(self, task: str, model: str) -> Callable[[], bool]:
         name = f"{task} {model}"
@@ -459,7 +474,14 @@ class Demo:
             if self.preset.lm_training:
                 cfg["lm"] = str(self.final(LM_MODEL))
         else:
-            cfg["init"] = str(self.final(f"{name}-stage1"))
+            branching = self.preset.delta2_branch_step is not None
+            parent = BRANCHES.get(name) if branching else None
+            cfg["init"] = str(self.final(f"{parent or name}-stage1"))
+            if parent:
+                cfg["branch_from"] = str(self.branch_point())
+            elif branching and name in BRANCHES.values():  # keep the checkpoint a branch starts from
+                after = cfg["steps"] - self.preset.delta2_branch_step
+                cfg["keep_last"] = max(cfg.get("keep_last", 3), after // cfg.get("checkpoint_every", 100) + 1)
         if not cfg["adversarial"]:
             for key in ("eps", "attack_steps", "attack_step_size", "eps_warmup_steps"):
                 cfg.pop(key, None)

@@ -28,6 +28,7 @@ VISION_TOWER = {  # the CLIP each VLM is built on
     "delta2-llava": "delta-clip",
 }
 ADVERSARIAL_VLMS = ("delta2-llava",)
+BRANCHES = {"delta2-llava": "delta-llava"}  # with ``delta2_branch_step``: the clean run Δ²LLaVA branches off
 LM_MODEL = "lm"  # the VLMs' shared language model (OUT/models/lm), when the preset trains one
 # the targeted attack's goal: a fluent ShapesWorld caption that describes none of the test images' truth
 TARGET_CAPTION = "an image of four pink hearts."
@@ -133,6 +134,10 @@ class DemoPreset:
     # VLM (dvd train vlm keys), per stage; then the evaluations
     vlm_common: dict[str, Any] = field(default_factory=dict)
     vlm_stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Δ²LLaVA's stage 2 branches off delta-llava's at this step (`dvd train vlm branch_from`; a multiple of
+    # stage 2's checkpoint_every): the two share stage 1 and stage 2's first steps and differ only in the
+    # adversarial steps after; None: Δ²LLaVA runs both stages adversarially from its own start (the paper's)
+    delta2_branch_step: int | None = None
     vlm_eval: VlmEvalBudget = field(default_factory=VlmEvalBudget)
     targeted: Budget = field(default_factory=lambda: Budget(limit=5, steps=100))
     # ScienceQA: questions (image and text-only, each), clean and attacked, and APGD steps (at the
@@ -151,6 +156,8 @@ class DemoPreset:
             del out["world"]["spec"]
         if not self.lm_training:  # likewise without a shared LM
             del out["lm_training"]
+        if self.delta2_branch_step is None:  # likewise without a branch
+            del out["delta2_branch_step"]
         if out["zeroshot"]["check_queries"] == ZeroShotBudget().check_queries:  # likewise at its default
             del out["zeroshot"]["check_queries"]
         defaults = dataclasses.asdict(VlmEvalBudget())
@@ -199,7 +206,25 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
     if not isinstance(preset.vlm_eval.batch_size, int) or preset.vlm_eval.batch_size < 1:
         raise ConfigError(f"vlm_eval.batch_size in {path} must be a positive integer, got "
                           f"{preset.vlm_eval.batch_size!r}")
+    _check_branch(preset, path)
     return preset
+
+
+def _check_branch(preset: DemoPreset, path: Path) -> None:
+    """``delta2_branch_step`` names a checkpoint inside stage 2 (one-line errors)."""
+    step = preset.delta2_branch_step
+    if step is None:
+        return
+    stage2 = preset.vlm_stage_keys("stage2") if "stage2" in preset.vlm_stages else {}
+    steps, every = stage2.get("steps"), stage2.get("checkpoint_every", 100)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ConfigError(f"delta2_branch_step in {path} must be a positive step of stage 2, got {step!r}")
+    if not isinstance(steps, int) or step >= steps:
+        raise ConfigError(f"delta2_branch_step in {path} ({step}) must be below vlm_stages.stage2.steps "
+                          f"({steps!r}); set both")
+    if step % every:
+        raise ConfigError(f"delta2_branch_step in {path} ({step}) must be a multiple of stage 2's "
+                          f"checkpoint_every ({every}), where delta-llava's run keeps a checkpoint")
 
 
 def _keys(section: Any) -> str:

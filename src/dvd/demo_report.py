@@ -227,8 +227,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
     lines.append(
         f"A tiny LLaVA (vision tower → MLP projector → 2-layer Llama{_shared_lm(p)}) trained in LLaVA's two "
         "stages with the same recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE: the prior "
-        f"art), delta-llava (ΔCLIP) and delta2-llava (Δ²LLaVA: ΔCLIP, and PGD at eps {_delta2_eps(p)} on "
-        f"every training batch of both stages{_delta2_ramp(p)}), "
+        f"art), delta-llava (ΔCLIP) and delta2-llava (Δ²LLaVA: {_delta2_recipe(p)}), "
         f"{_precision_text(p.vlm_common, inputs.device, inputs.layout.stage_config('delta2-llava-stage2'))}. "
         "Evaluated on held-out images: "
         f"{_samples(vlm_rows, 'caption', p.vlm_eval.limit)} for captioning (the world's test split), "
@@ -534,6 +533,21 @@ def _shared_lm(preset: DemoPreset) -> str:
     length = f"{steps} steps" if steps else f"{preset.lm_training.get('epochs', 1)} epoch(s)"
     return (f", the same for every VLM: first trained alone for {length} on the text of the world's "
             "training conversations, as the paper's VLMs share Vicuna")
+
+
+def _delta2_recipe(preset: DemoPreset) -> str:
+    """How Δ²LLaVA is trained: PGD on every batch of both stages, or from a branch point of delta-llava's
+    stage 2 on (``delta2_branch_step``), with the eps ramp (``eps_warmup_steps``) if there is one."""
+    branch = preset.delta2_branch_step
+    if branch is None:
+        return (f"ΔCLIP, and PGD at eps {_delta2_eps(preset)} on every training batch of both stages"
+                f"{_delta2_ramp(preset)}")
+    stage2 = preset.vlm_stage_keys("stage2")
+    attack = (f"PGD-{stage2.get('attack_steps', VlmTrainConfig.attack_steps)} at eps "
+              f"{stage2.get('eps', VlmTrainConfig.eps)}")
+    ramp = stage2.get("eps_warmup_steps")
+    return (f"delta-llava's run up to step {branch} of stage 2, then {attack} on every training batch"
+            + (f"; eps ramped up from 0 over the next {ramp} steps" if ramp else ""))
 
 
 def _delta2_ramp(preset: DemoPreset) -> str:

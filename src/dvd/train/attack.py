@@ -17,7 +17,8 @@ from dvd.train.rng import derived_seed
 
 @dataclass
 class AttackSettings:
-    """PGD of the training recipes: L-inf ``eps`` (warmed up linearly), step size, random start."""
+    """PGD of the training recipes: L-inf ``eps`` (warmed up linearly over ``warmup_steps`` from step
+    ``warmup_start``, where a branched run's own recipe begins), step size, random start."""
 
     eps: float
     step_size: float | None
@@ -26,10 +27,12 @@ class AttackSettings:
     train_mode: bool
     seed: int
     default_step_rule: str = "delta"  # delta: 2.5 eps / max(K, 2); fixed: 1/255 (TeCoA / FARE)
+    warmup_start: int = 0
 
     def eps_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.eps * (step + 1) / self.warmup_steps
+        done = step - self.warmup_start
+        if self.warmup_steps and done < self.warmup_steps:
+            return self.eps * max(done + 1, 0) / self.warmup_steps
         return self.eps
 
     def step_size_for(self, eps: float, steps: int) -> float:

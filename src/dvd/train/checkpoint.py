@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,6 +161,22 @@ class CheckpointManager:
             )
         return path
 
+    @staticmethod
+    def branch_point(branch_from: str) -> Path:
+        """The checkpoint folder ``branch_from`` names (a ``step-N`` folder of another run), checked."""
+        path = Path(branch_from)
+        if not (path / META).is_file():
+            raise ConfigError(
+                f"branch_from={branch_from} is not a complete checkpoint folder (no {META}); name a "
+                "step-N folder under the other run's checkpoints/"
+            )
+        return path
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The optimizer steps checkpoint folder ``path`` had taken."""
+        return int(read_json(path / META)["step"])
+
     # -- saving ------------------------------------------------------------------------------
     def save(
         self,
@@ -229,15 +245,19 @@ class CheckpointManager:
 
     # -- loading -----------------------------------------------------------------------------
     def load(
-        self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+        may_differ: Collection[str] = (),
     ) -> dict[str, Any]:
         """Restore weights and optimizer from ``path``; set this rank's RNG; return the train state.
 
-        The returned dict has this rank's ``data`` position under ``"data"``.
+        The returned dict has this rank's ``data`` position under ``"data"``. Fingerprint keys in
+        ``may_differ`` are not checked (a branch changes the recipe, not the model or the schedule).
         """
         meta = read_json(path / META)
         saved = meta.get("fingerprint", {})
         for key, value in self.fingerprint.items():
+            if key in may_differ:
+                continue
             if key in saved and saved[key] != value:
                 fix = FIXED_AT_START if key in SCHEDULE_KEYS.values() else (
                     f"use the same {key} or start a fresh output_dir"
@@ -327,9 +347,9 @@ class Checkpointer:
         state = {name: part.state_dict() for name, part in self.states.items()}
         return self.manager.save(step, model=self.model, optimizer=self.optimizer, state=state)
 
-    def restore(self, path: Path) -> int:
+    def restore(self, path: Path, *, may_differ: Collection[str] = ()) -> int:
         """Load checkpoint ``path`` into every registered part; returns the step to continue from."""
-        state = self.manager.load(path, model=self.model, optimizer=self.optimizer)
+        state = self.manager.load(path, model=self.model, optimizer=self.optimizer, may_differ=may_differ)
         for name, part in self.states.items():
             if name not in state:
                 raise ConfigError(
@@ -340,7 +360,18 @@ class Checkpointer:
                 part.load_state_dict(state[name])
         return int(state["step"])
 
-    def resume(self, resume: str | None) -> int:
-        """``resume`` (None, ``latest`` or a folder) -> the step to start from (0 when there is nothing)."""
+    def resume(
+        self, resume: str | None, *, branch_from: str | None = None, may_differ: Collection[str] = ()
+    ) -> int:
+        """``resume`` (None, ``latest`` or a folder) -> the step to start from (0 when there is nothing).
+
+        With nothing of its own to resume, a run with ``branch_from`` starts where that checkpoint of
+        another run stopped: its weights, optimizer moments, schedule, data position and RNG, with this
+        run's recipe from there on (fingerprint keys in ``may_differ`` may change; the rest must match).
+        """
         path = self.manager.resolve(resume)
-        return 0 if path is None else self.restore(path)
+        if path is not None:
+            return self.restore(path)
+        if branch_from:
+            return self.restore(CheckpointManager.branch_point(branch_from), may_differ=may_differ)
+        return 0

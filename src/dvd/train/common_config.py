@@ -26,6 +26,7 @@ class CommonTrainConfig:
     # bookkeeping
     keep_last: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder
+    branch_from: str | None = None  # a fresh run starts from another run's checkpoint folder (see run_job)
     stop_at: int | None = None  # end this invocation at this step, checkpointed (time-limited jobs)
     log_every: int = 10
     max_nonfinite_in_a_row: int = 10

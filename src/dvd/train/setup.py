@@ -47,6 +47,7 @@ class LoopConfig(Protocol):
     checkpoint_every: int
     keep_last: int
     resume: str | None
+    branch_from: str | None
     stop_at: int | None
     log_every: int
     max_nonfinite_in_a_row: int
@@ -73,6 +74,7 @@ class Job:
     save_weights: Callable[[dict[str, torch.Tensor], Path], None] = save_safetensors
     load_weights: Callable[[Path], dict[str, torch.Tensor]] = load_safetensors
     summary: Callable[[], dict[str, Any]] = field(default=dict)  # trainer-specific summary entries
+    branchable: tuple[str, ...] = ()  # fingerprint keys a run started by ``branch_from`` may change
 
 
 def adamw(model: nn.Module, groups: Any, **options: Any) -> torch.optim.AdamW:
@@ -125,7 +127,7 @@ def run_job(cfg: LoopConfig, env: DistEnv, precision: str, job: Job) -> dict[str
     if scaler is not None:
         states["scaler"] = scaler
     checkpointer = Checkpointer(manager, model=job.model, optimizer=optimizer, states=states)
-    start = checkpointer.resume(cfg.resume)
+    start = checkpointer.resume(cfg.resume, branch_from=cfg.branch_from, may_differ=job.branchable)
     if env.is_main:
         write_json(out / "config.json", {
             "config": to_dict(cfg), "steps": job.steps, "warmup_steps": job.warmup_steps,

@@ -6,6 +6,9 @@
   ``lora``), the vision tower optionally (``train_vision``), each part with its own learning rate.
 - ``adversarial: true``  Δ²: every batch is replaced by PGD images that maximise each sample's answer
   NLL (see :mod:`dvd.train.vlm_step`); the paper runs it in both stages.
+- ``branch_from: RUN/checkpoints/step-N``  start from another run's checkpoint (weights, optimizer,
+  schedule, data position): e.g. Δ² from step N of the clean run on the same tower, the two runs then
+  differing only in the adversarial steps that follow (the eps warm-up counts from step N).
 
 A fresh model is an open_clip vision tower (a dvd CLIP checkpoint folder such as a ΔCLIP, an open_clip
 name or model-config JSON) + a ``mlp2x_gelu`` projector + a Hugging Face causal LM (a name, or a config
@@ -30,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from dvd.config import ConfigError, parse_eps, to_dict
 from dvd.models.vlm_io import save_vlm
 from dvd.train.attack import AttackSettings
-from dvd.train.checkpoint import full_model_state, non_finite_tensors
+from dvd.train.checkpoint import CheckpointManager, full_model_state, non_finite_tensors
 from dvd.train.clip_data import make_loader_factory
 from dvd.train.command import training_cli
 from dvd.train.distributed import DistEnv, is_fsdp, unwrap, wrap_model
@@ -75,6 +78,7 @@ def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
         attack = AttackSettings(
             eps=parse_eps(cfg.eps), step_size=parse_eps(cfg.attack_step_size), random_start=cfg.random_start,
             warmup_steps=cfg.eps_warmup_steps, train_mode=cfg.attack_mode == "train", seed=cfg.seed,
+            warmup_start=branch_step(cfg),
         )
     loss_fn = InstructionLoss(
         model=model, vlm=vlm, env=env, attack=attack, attack_steps=cfg.attack_steps,
@@ -93,7 +97,16 @@ def vlm_job(cfg: VlmTrainConfig, env: DistEnv) -> Job:
         description=f"stage {cfg.stage} {kind} vlm",
         export=functools.partial(export_final, cfg, model, source, env=env),
         summary=lambda: {"skipped_samples": dataset.skipped},
+        branchable=("adversarial",),  # Δ²LLaVA may branch off a clean run's checkpoint
     )
+
+
+def branch_step(cfg: VlmTrainConfig) -> int:
+    """Where the run's own recipe begins: the step of its ``branch_from`` checkpoint, else 0 (the eps
+    warm-up counts from there, so a branched Δ² run ramps its budget up from 0 as a fresh one does)."""
+    if not cfg.branch_from:
+        return 0
+    return CheckpointManager.step_of(CheckpointManager.branch_point(cfg.branch_from))
 
 
 def epoch_steps(samples: int, cfg: VlmTrainConfig, env: DistEnv) -> int:
