@@ -8,7 +8,8 @@ Stages (each one a call of a ``dvd`` command's ``cli`` with a config written to 
    every budget, the same attack for every model (``dvd eval zeroshot`` / ``retrieval``).
 4. Unless ``--no-vlm``: LLaVA's recipe on four towers: clean-llava (clean CLIP), fare-llava (FARE) and
    delta-llava (ΔCLIP), clean instruction tuning, and delta2-llava (ΔCLIP, adversarial instruction tuning
-   in both stages); each evaluated with ``dvd eval caption | vqa | pope | targeted | scienceqa | mme``.
+   in both stages, or in stage 2 from a branch point of delta-llava's run: ``delta2_branch_step``); each
+   evaluated with ``dvd eval caption | vqa | pope | targeted | scienceqa | mme``.
 5. ``OUT/report.md`` + PNG plots + ``OUT/results.json`` (:mod:`dvd.demo_report`).
 
 ``--seeds 0,1,2`` runs all of it once per seed in ``OUT/seed-<s>/`` and writes one report over the seeds

@@ -19,7 +19,8 @@ from dvd.data.shapesworld_spec import spec_from_mapping
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 HIDDEN_PRESETS = ("test",)  # the tests' preset: valid, but not offered on the command line
 CLIP_MODELS = ("clean-clip", "delta-clip", "tecoa", "fare")
-# the VLMs: LLaVA's recipe on four towers; only Δ²LLaVA is tuned adversarially (PGD in both stages)
+# the VLMs: LLaVA's recipe on four towers; only Δ²LLaVA is tuned adversarially (PGD in both stages, or in
+# stage 2 from its branch point on delta-llava's run: ``DemoPreset.delta2_branch_step``)
 VLM_MODELS = ("clean-llava", "fare-llava", "delta-llava", "delta2-llava")
 VISION_TOWER = {  # the CLIP each VLM is built on
     "clean-llava": "clean-clip",

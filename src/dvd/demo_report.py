@@ -41,7 +41,7 @@ CLIP_LABELS = {
     "clean-llava": "clean LLaVA (clean CLIP tower, clean instruction tuning)",
     "fare-llava": "LLaVA on the FARE tower, clean instruction tuning (the prior art)",
     "delta-llava": "LLaVA on the ΔCLIP tower, clean instruction tuning (single defence)",
-    "delta2-llava": "Δ²LLaVA (ΔCLIP tower, adversarial instruction tuning in both stages)",
+    "delta2-llava": "Δ²LLaVA (ΔCLIP tower, adversarial instruction tuning)",
 }
 
 
