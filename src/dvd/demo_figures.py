@@ -46,7 +46,7 @@ def plot_results(rows: Sequence[Row], figures: Path) -> dict[str, Path]:
     for task, ylabel in (("caption", "CIDEr"), ("vqa", "VQA accuracy (%)")):
         made = plot_metric_vs_eps(
             rows, figures / f"{task}_vs_eps.png", task=task, ylabel=ylabel,
-            title=f"{task} under attack (eps 0 = clean)", scale=1.0 if task == "caption" else 100.0,
+            title=f"{task} under attack (eps 0 = clean)", scale=100.0,  # as the report's tables (CIDEr x 100)
         )
         if made:
             plots[task] = made
