@@ -306,6 +306,28 @@ def test_in_memory_keeps_streamed_samples_bit_for_bit_and_reads_epochs_in_seeded
     assert sorted(map(bytes, first.numpy())) == sorted(map(bytes, second.numpy()))  # the same samples
 
 
+def test_in_memory_pairs_tokenise_each_caption_once_and_give_the_tokenizer_s_ids(shapesworld):
+    from dvd.models.clip import create_clip
+    from dvd.train.clip_data import PairCollate, build_dataset
+
+    clip = create_clip("dvd-tiny-vit")
+    common = [f"data={shapesworld}", "recipe=clean", "augment=false", "pretrained=x"]
+    _, streamed_collate, _ = build_dataset(load_config(ClipTrainConfig, None, common), clip)
+    cfg = check_config(load_config(ClipTrainConfig, None, [*common, "in_memory=true"]))
+    kept, collate, _ = build_dataset(cfg, clip)
+    assert streamed_collate.memo is None and collate.memo == {}  # a stream's captions rarely repeat
+    calls = []
+    collate.tokenizer = lambda texts: calls.append(list(texts)) or clip.tokenizer(texts)
+    items = [kept[i] for i in range(6)]
+    batches = [items[:4], items[2:], items[:4]]  # overlapping, then the first again
+    for batch in batches:
+        _, tokens = collate(batch)
+        assert torch.equal(tokens, clip.tokenizer([text for _, text in batch]))
+    seen = [text for call in calls for text in call]
+    assert len(seen) == len(set(seen)) == len({text for _, text in items})  # each caption once
+    assert PairCollate(clip.tokenizer)(items[:2])[1].shape == (2, clip.tokenizer(["x"]).shape[1])
+
+
 def test_in_memory_trains_and_refuses_what_it_cannot_keep(shapesworld, tmp_path):
     summary = run(shapesworld, tmp_path, "recipe=clean", "steps=2", "augment=false", "in_memory=true")
     assert summary["step"] == 2

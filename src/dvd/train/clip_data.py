@@ -89,15 +89,30 @@ def shapesworld_task(
 
 
 class PairCollate:
-    """(image, caption) items -> (images (B,3,H,W), token ids (B, L)); skipped (None) items dropped."""
+    """(image, caption) items -> (images (B,3,H,W), token ids (B, L)); skipped (None) items dropped.
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+    ``memo``: keep each caption's token ids, so a caption seen before is not tokenised again (for a finite
+    set read every epoch; the tokenizer pads every text to its context length on its own, so a row does not
+    depend on the batch it came in).
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], *, memo: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.memo: dict[str, torch.Tensor] | None = {} if memo else None
 
     def __call__(self, items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         items = [item for item in items if item is not None]
         images = torch.stack([image for image, _ in items])
-        return images, self.tokenizer([str(text) for _, text in items])
+        return images, self.tokens([str(text) for _, text in items])
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (B, L) of ``texts``, from the memo where it has them."""
+        if self.memo is None:
+            return self.tokenizer(texts)
+        new = list(dict.fromkeys(text for text in texts if text not in self.memo))
+        if new:
+            self.memo.update(zip(new, self.tokenizer(new).unbind(0), strict=True))
+        return torch.stack([self.memo[text] for text in texts])
 
 
 def collate_labelled(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +185,8 @@ def build_dataset(
         if isinstance(data, ShardStream):
             data.split_by_node, data.shuffle = False, 0
         data = InMemory(data, name=str(cfg.data))
+        if isinstance(collate, PairCollate):  # every epoch reads the same captions: tokenise each once
+            collate = PairCollate(collate.tokenizer, memo=True)
     return data, collate, info
 
 
