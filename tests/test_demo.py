@@ -681,7 +681,7 @@ def test_the_presets_bf16_is_fp32_on_a_cpu_without_bf16_instructions(tmp_path: P
     from dvd.train import precision
 
     quick = load_preset("quick")
-    assert quick.vlm_common["precision"] == "bf16" and "precision" not in quick.clip_common
+    assert quick.vlm_common["precision"] == quick.clip_common["precision"] == "bf16"
     log = io.StringIO()
     demo = demo_module.Demo(tmp_path, quick, vlm=True, log=log)
 
@@ -689,15 +689,18 @@ def test_the_presets_bf16_is_fp32_on_a_cpu_without_bf16_instructions(tmp_path: P
         stages = ("stage1", "stage2")
         return {demo.vlm_config(m, t, s)["precision"] for m, t in VISION_TOWER.items() for s in stages}
 
+    def clip_precisions() -> set[str]:
+        return {demo.clip_config(m)["precision"] for m in ("clean-clip", "delta-clip", "tecoa", "fare")}
+
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert vlm_precisions() == {"bf16"}
+    assert vlm_precisions() == clip_precisions() == {"bf16"}
     demo._say_precision()
     assert log.getvalue() == ""
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16: 8-10x slower
-    assert vlm_precisions() == {"fp32"}
-    assert "precision" not in demo.clip_config("delta-clip")  # the CLIPs: the trainers' auto, fp32 on a CPU
+    assert vlm_precisions() == clip_precisions() == {"fp32"}
     demo._say_precision()
-    assert log.getvalue().count("\n") == 1 and "the VLMs train in fp32" in log.getvalue()
+    said = log.getvalue()
+    assert said.count("\n") == 2 and "the CLIPs train in fp32" in said and "the VLMs train in fp32" in said
     cuda = demo_module.Demo(tmp_path, quick, vlm=True, device="cuda")
     assert cuda.vlm_config("delta2-llava", "delta-clip", "stage2")["precision"] == "bf16"
 
