@@ -86,11 +86,11 @@ def test_pretrain_shards_stream_through_webdataset(world: tuple[Path, dict[str, 
     assert all(image.size == (32, 32) and isinstance(text, str) and text for image, text in pairs)
 
 
-def test_same_seed_gives_a_byte_identical_tree_and_another_seed_does_not(
+def test_same_seed_gives_a_byte_identical_tree_with_any_number_of_workers_and_another_seed_does_not(
     world: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     root, _ = world
-    generate(tmp_path / "again", seed=7, **SIZES)
+    generate(tmp_path / "again", seed=7, **SIZES, workers=2)  # the shards written by two processes
     generate(tmp_path / "other", seed=8, **SIZES)
     first, again = _tree_digest(root), _tree_digest(tmp_path / "again")
     other = _tree_digest(tmp_path / "other")
@@ -330,6 +330,7 @@ def test_cli_writes_a_world_and_prints_what_it_wrote(tmp_path: Path, capsys: pyt
         (["--image-size", "12"], "--image-size must be >= 16"),
         (["--eval-size", "0"], "--eval-size must be >= 2"),
         (["--seed", "-1"], "--seed must be a non-negative"),
+        (["--workers", "0"], "--workers must be >= 1"),
     ],
 )
 def test_cli_refuses_bad_numbers_with_one_line(tmp_path: Path, argv: list[str], message: str) -> None:

@@ -91,6 +91,7 @@ class Demo:
         self.failed: list[str] = []  # stages that raised in this run (recorded, reported, exit status 1)
         self.include_vlm = vlm
         self.threads = threads
+        self.world_workers = 1  # processes writing the world's pre-training shards (run(jobs=N): N)
         self.preset = preset
         self.device = device
         self.log = log if log is not None else sys.stderr
@@ -185,6 +186,7 @@ class Demo:
             return {}
         self._say_precision()
         if jobs > 1 and not only and not all(stage.done() for stage in self.stages()):
+            self.world_workers = jobs  # the cores the workers will use, idle while they import
             world = self.stages()[0]
             if world.done():
                 self._run_workers(jobs)
@@ -394,6 +396,7 @@ class Demo:
                 "--instruct-size", str(w.instruct_size)]
         if w.spec:
             argv += ["--spec", str(self.world_spec_file())]
+        argv += ["--workers", str(self.world_workers)]
         check(shapesworld.cli(argv), "dvd data shapesworld")
 
     def world_spec_file(self) -> Path:

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,16 +73,18 @@ def generate(
     instruct_size: int | None = None,
     shard_size: int = 5000,
     spec: ShapesWorldSpec = SPEC,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write the whole world under ``out`` and return the summary (also written as summary.json).
 
     ``size`` pre-training pairs; ``eval_size`` held-out images (COCO/VQA/POPE) and zero-shot test images
     per task; ``instruct_size`` LLaVA training images (default ``max(eval_size, size // 10)``); ``spec``
-    the priors, radii and captions scenes are drawn with (:mod:`dvd.data.shapesworld_spec`).
+    the priors, radii and captions scenes are drawn with (:mod:`dvd.data.shapesworld_spec`); ``workers``
+    processes write the pre-training shards (the same bytes for any number).
     """
     settings = WorldSettings(seed=seed, size=size, image_size=image_size, eval_size=eval_size,
                              instruct_size=instruct_size, shard_size=shard_size, spec=spec)
-    return write_world(Path(out), settings)
+    return write_world(Path(out), settings, workers=workers)
 
 
 def _human_bytes(n: float) -> str:
@@ -106,7 +110,11 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--spec", help="YAML mapping of ShapesWorldSpec overrides (priors, radii, hard captions)"
     )
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes writing the pre-training shards (same files for any number)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (processes writing the shards), got {args.workers}")
     spec = load_spec(args.spec) if args.spec is not None else SPEC
     start = time.perf_counter()
     summary = generate(
@@ -118,6 +126,7 @@ def cli(argv: list[str]) -> int:
         instruct_size=args.instruct_size,
         shard_size=args.shard_size,
         spec=spec,
+        workers=args.workers,
     )
     seconds = time.perf_counter() - start
     out = Path(args.out)
@@ -210,7 +219,7 @@ def _write_images(
     return rows
 
 
-def write_world(root: Path, settings: WorldSettings) -> dict[str, Any]:
+def write_world(root: Path, settings: WorldSettings, workers: int = 1) -> dict[str, Any]:
     """Write every ShapesWorld file under ``root``; returns the summary written to summary.json.
 
     The world is written into a temporary sibling folder and renamed onto ``root`` at the end, so a
@@ -225,7 +234,7 @@ def write_world(root: Path, settings: WorldSettings) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"--out {root}: cannot write there ({error.strerror}); pick another path") from None
     try:
-        summary = _write_files(tmp, settings)
+        summary = _write_files(tmp, settings, workers)
         _replace_folder(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,18 +270,38 @@ def _replace_folder(new: Path, root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_files(root: Path, settings: WorldSettings) -> dict[str, Any]:
+def _write_shard(root: Path, name: str, settings: WorldSettings, start: int) -> int:
+    """Write pre-training shard ``name`` (pairs ``start`` on); returns its sample count."""
+    end = min(start + settings.shard_size, settings.size)
+    samples = pretrain_samples(settings.seed, start, end, settings.image_size, settings.spec)
+    return write_tar(root / "pretrain" / name, samples)
+
+
+def _write_shards(root: Path, settings: WorldSettings, workers: int) -> dict[str, int]:
+    """Every pre-training shard, by ``workers`` forked processes (each shard depends only on the seed and
+    its pair indices, so the bytes are the same for any number); shard name -> sample count."""
+    offsets = range(0, settings.size, settings.shard_size)
+    starts = {f"shard-{k:06d}.tar": start for k, start in enumerate(offsets)}
+    workers = min(workers, len(starts))
+    if workers <= 1:
+        return {name: _write_shard(root, name, settings, start) for name, start in starts.items()}
+    (root / "pretrain").mkdir(parents=True, exist_ok=True)
+    # fork: the children need no imports of their own (spawn would import torch again in each)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {name: pool.submit(_write_shard, root, name, settings, start)
+                   for name, start in starts.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _write_files(root: Path, settings: WorldSettings, workers: int = 1) -> dict[str, Any]:
     """Every file of the world under the fresh folder ``root``; returns the summary."""
     seed, size, image_size, eval_size = settings.seed, settings.size, settings.image_size, settings.eval_size
     shard_size, n_train, spec = settings.shard_size, settings.n_train, settings.spec
     records: dict[str, int] = {}
 
-    shards = []
-    for k, start in enumerate(range(0, size, shard_size)):
-        name = f"shard-{k:06d}.tar"
-        samples = pretrain_samples(seed, start, min(start + shard_size, size), image_size, spec)
-        records[f"pretrain/{name}"] = write_tar(root / "pretrain" / name, samples)
-        shards.append(name)
+    counts = _write_shards(root, settings, workers)
+    shards = list(counts)
+    records.update({f"pretrain/{name}": n for name, n in counts.items()})
     write_bytes(root / "pretrain" / "shards.txt", "".join(f"{s}\n" for s in shards).encode())
 
     zeroshot = {}
