@@ -113,8 +113,6 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes writing the pre-training shards (same files for any number)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1 (processes writing the shards), got {args.workers}")
     spec = load_spec(args.spec) if args.spec is not None else SPEC
     start = time.perf_counter()
     summary = generate(
@@ -227,6 +225,8 @@ def write_world(root: Path, settings: WorldSettings, workers: int = 1) -> dict[s
     run removes the dead run's temporary folder.
     """
     settings.check(root)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (processes writing the shards), got {workers}")
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(root)
@@ -285,7 +285,6 @@ def _write_shards(root: Path, settings: WorldSettings, workers: int) -> dict[str
     workers = min(workers, len(starts))
     if workers <= 1:
         return {name: _write_shard(root, name, settings, start) for name, start in starts.items()}
-    (root / "pretrain").mkdir(parents=True, exist_ok=True)
     # fork: the children need no imports of their own (spawn would import torch again in each)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = {name: pool.submit(_write_shard, root, name, settings, start)
