@@ -144,6 +144,15 @@ def test_demo_report_names_every_model_and_shows_its_plots(demo_dir: Path) -> No
     assert f"images: {'/'.join(map(str, counts))} for captioning" in report  # as evaluated, not the limit
 
 
+def test_the_example_grids_are_stages_of_their_own_after_every_model_they_show(demo_dir: Path) -> None:
+    plan = {s.name: s for s in demo_module.Demo(demo_dir, load_preset("test"), vlm=True).stages()}
+    assert set(plan["examples clip"].needs) == {f"train {m}" for m in CLIP_MODELS}
+    assert set(plan["examples vlm"].needs) == {f"train {m} stage2" for m in VLM_MODELS}
+    ledger = json.loads((demo_dir / "stages.json").read_text())
+    assert ledger["examples clip"]["worker"] in (1, 2) and ledger["examples vlm"]["worker"] in (1, 2)
+    assert all(ledger[f"examples {half}"]["status"] == "done" for half in ("clip", "vlm"))
+
+
 def test_demo_writes_each_stage_config_as_a_rerunnable_yaml(demo_dir: Path) -> None:
     from dvd.config import load_config
     from dvd.train.clip_config import ClipTrainConfig

@@ -101,6 +101,25 @@ def test_report_states_whether_the_delta_clip_claims_hold(
     assert (tmp_path / "figures" / "zeroshot_headline.png").is_file()
 
 
+@pytest.mark.parametrize("drawn_by_its_stage", [True, False])
+def test_the_report_shows_the_example_grid_its_stage_drew_and_draws_none_itself_from_missing_models(
+    tmp_path: Path, drawn_by_its_stage: bool
+) -> None:
+    from PIL import Image
+
+    layout = DemoLayout(tmp_path)
+    inputs = ReportInputs(layout, load_preset("test"), device="cpu", include_vlm=False)
+    rows = rows_for("clean-clip", 0.9, 0.1) + rows_for("delta-clip", 0.9, 0.6)
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    layout.figures.mkdir()
+    Image.new("RGB", (8, 8)).save(layout.example_grid("clip"))
+    status = "done" if drawn_by_its_stage else "failed"  # a grid no finished stage drew: not shown
+    (tmp_path / "stages.json").write_text(json.dumps({"examples clip": {"status": status, "seconds": 3.0}}))
+    report = write_report(inputs, tmp_path / "results.json").read_text()
+    assert ("![examples](figures/examples.png)" in report) == drawn_by_its_stage
+    assert ("No example grid" in report) != drawn_by_its_stage  # no trained models here to draw it from
+
+
 def test_the_report_names_the_eps_delta2_llava_was_trained_at_wherever_the_preset_sets_it() -> None:
     import dataclasses
 

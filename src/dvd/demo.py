@@ -123,6 +123,8 @@ class Demo:
                 stages.append(
                     Stage(f"{task} {name}", run, self._evaluated(task, name), needs=(f"train {name}",))
                 )
+        trained = tuple(f"train {name}" for name in CLIP_MODELS)
+        stages.append(Stage("examples clip", self._examples_fn("clip"), self._drawn("clip"), needs=trained))
         if self.include_vlm:
             shared_lm = (f"train {LM_MODEL}",) if self.preset.lm_training else ()
             if shared_lm:
@@ -138,6 +140,8 @@ class Demo:
                 for task in VLM_EVALS:
                     run, done = self._vlm_eval_fn(task, name), self._evaluated(task, name)
                     stages.append(Stage(f"{task} {name}", run, done, "vlm", (f"train {name} stage2",)))
+            trained = tuple(f"train {name} stage2" for name in VLM_MODELS)
+            stages.append(Stage("examples vlm", self._examples_fn("vlm"), self._drawn("vlm"), "vlm", trained))
         return stages
 
     def _vlm_trainings(
@@ -158,6 +162,24 @@ class Demo:
     def _evaluated(self, task: str, model: str) -> Callable[[], bool]:
         name = f"{task} {model}"
         return lambda: self.ledger.finished(name) and self.results_file(task, model).is_file()
+
+    def _drawn(self, half: str) -> Callable[[], bool]:
+        name = f"examples {half}"
+        return lambda: self.ledger.finished(name) and self.layout.example_grid(half).is_file()
+
+    def _examples_fn(self, half: str) -> Callable[[], None]:
+        """Draw the report's example grid of the CLIPs or the VLMs: a stage of its own, so that the workers
+        attack its few images beside the evaluations instead of the report doing it after them."""
+
+        def run() -> None:
+            from dvd.demo_examples import example_grid, vlm_example_grid
+
+            draw = example_grid if half == "clip" else vlm_example_grid
+            inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
+            self.layout.figures.mkdir(parents=True, exist_ok=True)
+            draw(inputs, self.layout.example_grid(half), steps=self.preset.example_steps)
+
+        return run
 
     def _final_exists(self, name: str) -> Callable[[], bool]:
         return lambda: (

@@ -286,6 +286,14 @@ class DemoLayout:
 
         return read_records(path)
 
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+    def example_grid(self, half: str) -> Path:
+        """The report's example grid of the CLIPs (``half`` ``clip``) or of the VLMs (``vlm``)."""
+        return self.figures / {"clip": "examples.png", "vlm": "examples_vlm.png"}[half]
+
     def stage_config(self, name: str) -> Path:
         """The ``dvd train`` config the demo wrote for ``name`` (``delta-clip``, ``delta2-llava-stage2``)."""
         return self.out / "configs" / f"{name}.yaml"

@@ -54,22 +54,25 @@ def write_report(inputs: ReportInputs, results: str | Path) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plots = plot_results(rows, figures)
-    examples = None
-    try:
-        examples = example_grid(inputs, figures / "examples.png", steps=inputs.preset.example_steps)
-    except FileNotFoundError:
-        examples = None  # models not trained (a partial demo): the report says so
-    vlm_examples = None
-    try:
-        vlm_examples = vlm_example_grid(
-            inputs, figures / "examples_vlm.png", steps=inputs.preset.example_steps
-        )
-    except FileNotFoundError:
-        vlm_examples = None  # the VLM half was not run
+    examples = _examples(inputs, "clip", stages)
+    vlm_examples = _examples(inputs, "vlm", stages)
     text = render_markdown(inputs, rows, stages, plots, examples, vlm_examples)
     path = out / "report.md"
     atomic_write(path, lambda p: p.write_text(text))
     return path
+
+
+def _examples(inputs: ReportInputs, half: str, stages: dict[str, Any]) -> Path | None:
+    """The example grid of the CLIPs or the VLMs: as its demo stage drew it, else drawn now (a folder whose
+    stages did not draw it); None without the trained models (a partial demo, or the VLM half not run)."""
+    path = inputs.layout.example_grid(half)
+    if path.is_file() and stages.get(f"examples {half}", {}).get("status") == "done":
+        return path
+    draw = example_grid if half == "clip" else vlm_example_grid
+    try:
+        return draw(inputs, path, steps=inputs.preset.example_steps)
+    except FileNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
