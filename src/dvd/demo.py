@@ -172,14 +172,15 @@ class Demo:
         attack its few images beside the evaluations instead of the report doing it after them."""
 
         def run() -> None:
-            from dvd.demo_examples import example_grid, vlm_example_grid
+            from dvd.demo_examples import draw_example_grid
 
-            draw = example_grid if half == "clip" else vlm_example_grid
-            inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
-            self.layout.figures.mkdir(parents=True, exist_ok=True)
-            draw(inputs, self.layout.example_grid(half), steps=self.preset.example_steps)
+            draw_example_grid(self.report_inputs(), half)
 
         return run
+
+    def report_inputs(self) -> ReportInputs:
+        """What the report and the example grids take besides the demo folder."""
+        return ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
 
     def _final_exists(self, name: str) -> Callable[[], bool]:
         return lambda: (
@@ -222,10 +223,9 @@ class Demo:
         self.ledger = Ledger.load(self.ledger.path)  # the workers recorded their stages
         results = self.collect_results()
         tick = time.perf_counter()
-        inputs = ReportInputs(self.layout, self.preset, device=self.device, include_vlm=self.include_vlm)
         from dvd.demo_report import write_report
 
-        report_path = write_report(inputs, results)
+        report_path = write_report(self.report_inputs(), results)
         self.ledger.record(
             "report", status="done", seconds=round(time.perf_counter() - tick, 1), finished=now()
         )

@@ -106,6 +106,15 @@ def vlm_example_grid(
     return draw_caption_grid(path, images, references, captions, eps)
 
 
+def draw_example_grid(inputs: ReportInputs, half: str) -> Path:
+    """Draw the report's example grid of the CLIPs (``half`` ``clip``) or of the VLMs (``vlm``) where the
+    layout keeps it, with the preset's attack steps; FileNotFoundError without the trained models."""
+    path = inputs.layout.example_grid(half)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw = {"clip": example_grid, "vlm": vlm_example_grid}[half]
+    return draw(inputs, path, steps=inputs.preset.example_steps)
+
+
 def _pick_scenes(scenes: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
     """Distinct colours and shapes, no distractor: easy to read at a glance."""
     chosen: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from dvd.demo_claims import LEARNABLE, MARGIN_NOTE, SampleSource, check_claims, claims_table, headline
-from dvd.demo_examples import example_grid, vlm_example_grid
+from dvd.demo_examples import draw_example_grid
 from dvd.demo_figures import plot_results
 from dvd.demo_preset import VISION_TOWER, VLM_EVALS, VLM_MODELS, DemoPreset, ReportInputs
 from dvd.eval.report import (
@@ -51,7 +51,7 @@ def write_report(inputs: ReportInputs, results: str | Path) -> Path:
     # the zero-shot ``average`` rows of results.json are recomputed where shown
     rows: list[Row] = [r for r in read_json(results) if r["dataset"] != "average"]
     stages = read_json(out / "stages.json") if (out / "stages.json").is_file() else {}
-    figures = out / "figures"
+    figures = inputs.layout.figures
     figures.mkdir(parents=True, exist_ok=True)
     plots = plot_results(rows, figures)
     examples = _examples(inputs, "clip", stages)
@@ -68,9 +68,8 @@ def _examples(inputs: ReportInputs, half: str, stages: dict[str, Any]) -> Path |
     path = inputs.layout.example_grid(half)
     if path.is_file() and stages.get(f"examples {half}", {}).get("status") == "done":
         return path
-    draw = example_grid if half == "clip" else vlm_example_grid
     try:
-        return draw(inputs, path, steps=inputs.preset.example_steps)
+        return draw_example_grid(inputs, half)
     except FileNotFoundError:
         return None
 
