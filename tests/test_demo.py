@@ -74,7 +74,10 @@ def test_every_vlm_is_evaluated_on_scienceqa_clean_and_attacked_and_on_mme(demo_
         assert ("shapesworld/mme", "perception") in mme
         for subtask in ("existence", "count", "position", "color"):  # what the world writes
             assert {(f"shapesworld/mme/{subtask}", m) for m in ("accuracy", "acc_plus", "score")} <= mme
+        asked = {r["n"] for r in rows if (r["model"], r["task"], r["metric"]) == (model, "mme", "accuracy")}
+        assert asked == {4}  # the test preset's mme_images: 2 images of each subtask, two questions each
     report = (demo_dir / "report.md").read_text()
+    assert "MME on the questions of the first 2 images of each subtask (two each)." in report
     scienceqa = report[report.index("### ScienceQA"):]
     mme = report[report.index("### MME"):]
     for model in VLM_MODELS:
@@ -230,6 +233,9 @@ def test_a_preset_groups_the_evaluation_and_world_settings_in_sections_that_keep
          r"\(did you mean 'bf16'"),
         ("vlm_eval: {batch_size: 0}\n",
          r"vlm_eval.batch_size in .*mine.yaml must be a positive integer, got 0"),
+        ("mme_images: all\n",
+         r"mme_images in .*mine.yaml must be a positive number of images per MME subtask, or null for every "
+         r"question, got 'all'"),
     ],
 )
 def test_an_unknown_key_or_a_bad_value_or_a_section_that_is_no_mapping_is_a_one_line_error(
@@ -276,6 +282,22 @@ def test_vqa_may_take_more_questions_than_the_other_vlm_evaluations(tmp_path: Pa
     assert limits(preset) == (7, 3, 3)
     assert limits(test) == (test.vlm_eval.limit,) * 3
     assert load_preset("quick").vlm_eval.questions() == 200
+
+
+def test_mme_asks_the_presets_images_of_each_subtask_or_every_question_when_it_names_none(
+    tmp_path: Path,
+) -> None:
+    test = load_preset("test")
+    every = dataclasses.replace(test, mme_images=None)
+    assert "mme_images" not in every.fingerprint()  # unset: the fingerprint of earlier folders
+    assert test.fingerprint()["mme_images"] == 2
+
+    def argv(p: DemoPreset) -> list[str]:
+        return demo_module.Demo(tmp_path, p, vlm=True).vlm_eval_argv("mme", "delta2-llava")
+
+    assert argv(test)[argv(test).index("--images-per-subtask") + 1] == "2"
+    assert "--images-per-subtask" not in argv(every)
+    assert load_preset("quick").mme_images == 50
 
 
 def test_a_preset_chooses_the_caption_and_vqa_attack_and_the_vlm_evaluations_batch_size(

@@ -153,6 +153,20 @@ def test_mme_reader_takes_both_folder_layouts(tmp_path):
         MME(tmp_path, transform=None)
 
 
+def test_mme_reader_keeps_each_subtasks_first_images_with_all_their_questions(shapesworld):
+    every = MME(shapesworld / "mme", transform=None)
+    some = MME(shapesworld / "mme", transform=None, images_per_subtask=2)
+    assert some.subtasks == every.subtasks
+    for subtask in every.subtasks:
+        questions = [r["fields"] for r in every.records if r["fields"]["subtask"] == subtask]
+        first = sorted({q["image_name"] for q in questions})[:2]
+        kept = [r["fields"] for r in some.records if r["fields"]["subtask"] == subtask]
+        assert kept == [q for q in questions if q["image_name"] in first]  # both questions of each image
+        assert len(kept) == 4 and len(questions) > 4
+    with pytest.raises(ValueError, match="images_per_subtask must be >= 1"):
+        MME(shapesworld / "mme", transform=None, images_per_subtask=0)
+
+
 # --- ShapesWorld writes both formats -----------------------------------------------------------------
 def test_shapesworld_questions_are_decided_by_the_scene(shapesworld):
     scenes = {i: s for i, _, s in held_out_scenes(shapesworld)}
@@ -245,6 +259,16 @@ def test_mme_command_writes_subtask_rows_and_the_perception_score(shapesworld, c
     assert perception.clean == pytest.approx(sum(subtask_scores))
     assert all(r.task == "mme" and r.attack == "none" and r.adversarial is None for r in rows)
     assert {(r.protocol, r.template) for r in rows} == {(None, "vicuna_v1_short")}
+    assert main([*args, "--no-progress", "--images-per-subtask", "1", "--max-new-tokens", "3"]) == 0
+    assert {r.n for r in read_rows(out) if r.metric == "accuracy"} == {2}  # one image: its two questions
+
+
+def test_mme_command_refuses_a_non_positive_image_count_before_loading_the_model(
+    shapesworld, tmp_path, capsys
+):
+    args = ["eval", "mme", "--model", str(tmp_path / "absent"), "--data", str(shapesworld)]
+    assert main([*args, "--images-per-subtask", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dvd: error: --images-per-subtask must be >= 1, got 0"
 
 
 def test_mme_rows_follow_the_answers(shapesworld, checkpoint, monkeypatch):

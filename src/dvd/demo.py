@@ -540,7 +540,7 @@ class Demo:
 
     def vlm_eval_argv(self, task: str, name: str) -> list[str]:
         """Arguments of ``dvd eval caption | vqa | pope | targeted | scienceqa | mme`` for one of the demo's
-        VLMs (MME: every question the world writes, clean)."""
+        VLMs (MME clean, on the preset's ``mme_images`` images of each subtask)."""
         p = self.preset
         argv = ["--model", str(self.final(f"{name}-stage2")), "--model-name", name, "--data", str(self.world),
                 "--seed", str(p.seed), "--device", self.device, "--out", str(self.results_file(task, name)),
@@ -561,6 +561,8 @@ class Demo:
         elif task == "targeted":
             argv += ["--eps", "4/255", "--steps", str(p.targeted.steps), "--limit", str(p.targeted.limit),
                      "--target", TARGET_CAPTION]
+        elif task == "mme" and p.mme_images is not None:
+            argv += ["--images-per-subtask", str(p.mme_images)]
         return argv
 
     def attack_precision(self) -> str:

@@ -142,8 +142,11 @@ class DemoPreset:
     vlm_eval: VlmEvalBudget = field(default_factory=VlmEvalBudget)
     targeted: Budget = field(default_factory=lambda: Budget(limit=5, steps=100))
     # ScienceQA: questions (image and text-only, each), clean and attacked, and APGD steps (at the
-    # ``vlm_eval.eps``); MME: the world's set
+    # ``vlm_eval.eps``)
     scienceqa: Budget = field(default_factory=lambda: Budget(limit=50, steps=20))
+    # MME (clean): the questions of each subtask's first ``mme_images`` images (`dvd eval mme
+    # --images-per-subtask`); None: every question the world writes
+    mme_images: int | None = None
     example_steps: int = 100  # APGD steps of the report's example grid
 
     def vlm_stage_keys(self, stage: str) -> dict[str, Any]:
@@ -159,6 +162,8 @@ class DemoPreset:
             del out["lm_training"]
         if self.delta2_branch_step is None:  # likewise without a branch
             del out["delta2_branch_step"]
+        if self.mme_images is None:  # likewise with every MME question
+            del out["mme_images"]
         if out["zeroshot"]["check_queries"] == ZeroShotBudget().check_queries:  # likewise at its default
             del out["zeroshot"]["check_queries"]
         defaults = dataclasses.asdict(VlmEvalBudget())
@@ -207,6 +212,10 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> DemoPreset:
     if not isinstance(preset.vlm_eval.batch_size, int) or preset.vlm_eval.batch_size < 1:
         raise ConfigError(f"vlm_eval.batch_size in {path} must be a positive integer, got "
                           f"{preset.vlm_eval.batch_size!r}")
+    images = preset.mme_images
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images < 1):
+        raise ConfigError(f"mme_images in {path} must be a positive number of images per MME subtask, or "
+                          f"null for every question, got {images!r}")
     _check_branch(preset, path)
     return preset
 

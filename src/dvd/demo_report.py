@@ -237,7 +237,7 @@ def _vlm_section(inputs: ReportInputs, rows: Sequence[Row], plots: dict[str, Pat
         f"{_vlm_attack_text(p, inputs.device)}, {p.vlm_eval.steps} steps each; targeted attacks on "
         f"{p.targeted.limit} images with {p.targeted.steps} steps; ScienceQA on {p.scienceqa.limit} image "
         f"and {p.scienceqa.limit} text-only questions (APGD {p.scienceqa.steps} steps on the correct "
-        "letter's NLL); MME on every question the world writes.\n"
+        f"letter's NLL); MME on {mme_scope(p.mme_images)}.\n"
     )
     titles = {
         "caption": "Captioning (CIDEr)",
@@ -525,6 +525,13 @@ def _samples(rows: Sequence[Row], task: str, limit: int) -> str:
     """How many samples ``task`` was evaluated on (its rows' ``n``; at most ``limit`` when none says)."""
     counts = sorted({int(r["n"]) for r in rows if r["task"] == task and r.get("n")})
     return "/".join(map(str, counts)) if counts else f"up to {limit}"
+
+
+def mme_scope(images: int | None) -> str:
+    """Which MME questions the demo asks, as the report says it."""
+    if images is None:
+        return "every question the world writes"
+    return f"the questions of the first {images} images of each subtask (two each)"
 
 
 def _shared_lm(preset: DemoPreset) -> str:

@@ -38,11 +38,12 @@ def _question_files(folder: Path) -> tuple[list[Path], Path]:
     return sorted(folder.glob("*.txt")), folder
 
 
-def read_subtask(folder: Path) -> list[dict[str, Any]]:
-    """The questions of one MME subtask folder (one-line errors naming file and line)."""
+def read_subtask(folder: Path, images: int | None = None) -> list[dict[str, Any]]:
+    """The questions of one MME subtask folder (one-line errors naming file and line); with ``images``, those
+    of its first ``images`` images only (by file name), each with all its questions."""
     files, image_dir = _question_files(folder)
     out = []
-    for path in files:
+    for path in files[:images]:
         candidates = [image_dir / f"{path.stem}{suffix}" for suffix in IMAGE_SUFFIXES]
         image = next((c for c in candidates if c.is_file()), candidates[0])
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -67,18 +68,29 @@ def read_subtask(folder: Path) -> list[dict[str, Any]]:
 
 
 class MME(ImageRecords):
-    """Every subtask folder under ``root`` (or only ``subtasks``), as map-style dict items."""
+    """Every subtask folder under ``root`` (or only ``subtasks``), as map-style dict items; with
+    ``images_per_subtask``, the questions of each subtask's first that many images (both of an image's
+    questions, so that acc+ still reads whole images)."""
 
     def __init__(
-        self, root: str | Path, *, transform: ImageTransform | None, subtasks: tuple[str, ...] | None = None
+        self,
+        root: str | Path,
+        *,
+        transform: ImageTransform | None,
+        subtasks: tuple[str, ...] | None = None,
+        images_per_subtask: int | None = None,
     ) -> None:
+        if images_per_subtask is not None and images_per_subtask < 1:
+            raise ValueError(
+                f"images_per_subtask must be >= 1 (or None: every image), got {images_per_subtask}"
+            )
         root = existing_dir(root, "MME root (MME_Benchmark_release_version)")
         folders = sorted(p for p in root.iterdir() if p.is_dir() and (subtasks is None or p.name in subtasks))
         if subtasks is not None and (absent := sorted(set(subtasks) - {p.name for p in folders})):
             raise FileNotFoundError(f"{root}: no subtask folder {', '.join(absent)}")
         records = []
         for folder in folders:
-            for q in read_subtask(folder):
+            for q in read_subtask(folder, images_per_subtask):
                 path = q.pop("path")
                 records.append({"key": q["question_id"], "paths": (path,), "fields": q})
         if not records:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dvd.config import ConfigError
+from dvd.config import ConfigError, positive_int
 from dvd.data.mme import COGNITION, MME, PERCEPTION
 from dvd.eval import vlm_attack as va
 from dvd.eval import vlm_protocols as vp
@@ -128,6 +128,10 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--data", default=None, help="a ShapesWorld root (mme/)")
     parser.add_argument("--mme", default=None, help="MME_Benchmark_release_version (subtask folders)")
     parser.add_argument("--subtasks", default=None, help="comma-separated subtask folders (default: all)")
+    parser.add_argument(
+        "--images-per-subtask", default=None,
+        help="only the questions of each subtask's first N images, by file name (default: every image)",
+    )
     parser.add_argument("--suffix", default=SHORT_ANSWER, help="appended to every question")
     vp.add_protocol_arguments(parser)
     args = parser.parse_args(list(argv))
@@ -140,9 +144,11 @@ def cli(argv: Sequence[str]) -> int:
     else:
         raise ConfigError("give --data SHAPESWORLD_ROOT or --mme MME_Benchmark_release_version")
     subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip()) if args.subtasks else None
+    images = args.images_per_subtask
+    images = None if images is None else positive_int(images, "--images-per-subtask")
     model = va.load_from_args(args)
     vp.use_template(model, args.template)
-    data = MME(root, transform=model_transform(model), subtasks=subtasks)
+    data = MME(root, transform=model_transform(model), subtasks=subtasks, images_per_subtask=images)
     spec = common.spec.replace(dataset_name=args.dataset_name or name)
     rows = evaluate_mme(model, data, spec, suffix=args.suffix)
     return va.finish(vp.stamp(rows, protocol, model), common.out, common.state_dir, common.checkpoint)
